@@ -1,0 +1,203 @@
+"""Pure functions that turn a labelled data set into a class-incremental task sequence.
+
+Nothing here imports torch: every function works on Python lists and numpy arrays, so the split can be computed (and
+checked) before any image is decoded.
+
+Vocabulary used across ``cdl_lightning.data``:
+
+- *original label*: the label a source stores (CIFAR-100 fine label, ImageFolder class index, ...).
+- *class order*: a permutation ``order`` of ``range(num_classes)``; ``order[i]`` is the original label that becomes
+  *remapped label* ``i``. The reference code uses the natural order ``0..C-1``.
+- *task sizes*: number of classes per task; task ``t`` owns the contiguous remapped range
+  ``[offset_t, offset_t + size_t)`` with ``offset_t = sum(sizes[:t])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "resolve_class_order",
+    "task_sizes",
+    "task_offsets",
+    "task_ranges",
+    "inverse_class_order",
+    "remap_labels",
+    "task_of_labels",
+    "task_sample_indices",
+    "split_per_class",
+]
+
+
+def resolve_class_order(
+    num_classes: int, class_order: Literal["natural", "random"] | Sequence[int] = "natural", seed: int = 0
+) -> list[int]:
+    """Resolve a class-order setting into an explicit permutation of ``range(num_classes)``.
+
+    Args:
+        num_classes: Number of classes of the source.
+        class_order: ``"natural"`` (``0..C-1``, the reference's order), ``"random"`` (a permutation drawn from
+            ``numpy.random.default_rng(seed)``) or an explicit list where entry ``i`` is the original label that
+            becomes remapped label ``i``.
+        seed: Seed of the ``"random"`` permutation.
+
+    Returns:
+        The class order as a list of ints.
+
+    Raises:
+        ValueError: Unknown keyword, or an explicit list that is not a permutation of ``range(num_classes)`` (the
+            message names the duplicates, missing and out-of-range entries).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if isinstance(class_order, str):
+        if class_order == "natural":
+            return list(range(num_classes))
+        if class_order == "random":
+            return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+        raise ValueError(f"class_order must be 'natural', 'random' or a list of ints, got {class_order!r}")
+    order = [int(c) for c in class_order]
+    problems = []
+    if len(order) != num_classes:
+        problems.append(f"it has {len(order)} entries but the source has {num_classes} classes")
+    out_of_range = sorted({c for c in order if not 0 <= c < num_classes})
+    if out_of_range:
+        problems.append(f"out of range [0, {num_classes}): {_short(out_of_range)}")
+    counts: dict[int, int] = {}
+    for c in order:
+        counts[c] = counts.get(c, 0) + 1
+    duplicates = sorted(c for c, n in counts.items() if n > 1)
+    if duplicates:
+        problems.append(f"duplicates: {_short(duplicates)}")
+    missing = sorted(set(range(num_classes)) - set(order))
+    if missing:
+        problems.append(f"missing: {_short(missing)}")
+    if problems:
+        raise ValueError(f"class_order is not a permutation of range({num_classes}): " + "; ".join(problems))
+    return order
+
+
+def task_sizes(num_classes: int, num_tasks: int, first_task_classes: int | None = None) -> list[int]:
+    """Number of classes of each task.
+
+    Without ``first_task_classes`` the classes are split equally (``num_classes % num_tasks == 0`` required). With it,
+    task 0 gets ``first_task_classes`` classes and the remaining classes are split equally over the other tasks.
+
+    Args:
+        num_classes: Number of classes of the source.
+        num_tasks: Number of tasks (>= 1).
+        first_task_classes: Classes of the first task, or ``None`` for an equal split.
+
+    Returns:
+        A list of ``num_tasks`` positive ints that sum to ``num_classes``.
+
+    Raises:
+        ValueError: When the classes cannot be split evenly; the message lists the numbers that would work.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    if num_classes < num_tasks:
+        raise ValueError(f"cannot split {num_classes} classes into {num_tasks} tasks: every task needs a class")
+    if first_task_classes is None:
+        if num_classes % num_tasks:
+            divisors = [n for n in range(1, num_classes + 1) if num_classes % n == 0]
+            raise ValueError(
+                f"cannot split {num_classes} classes evenly into {num_tasks} tasks; num_tasks that work: {divisors} "
+                f"(or set first_task_classes, e.g. {num_classes - (num_tasks - 1) * (num_classes // num_tasks)} "
+                f"gives {num_tasks - 1} tasks of {num_classes // num_tasks})"
+            )
+        return [num_classes // num_tasks] * num_tasks
+    if not 1 <= first_task_classes <= num_classes:
+        raise ValueError(f"first_task_classes must be in [1, {num_classes}], got {first_task_classes}")
+    rest = num_classes - first_task_classes
+    if num_tasks == 1:
+        if rest:
+            raise ValueError(f"with num_tasks=1, first_task_classes must equal num_classes={num_classes}")
+        return [num_classes]
+    if rest < num_tasks - 1 or rest % (num_tasks - 1):
+        working = [f for f in range(1, num_classes) if (num_classes - f) % (num_tasks - 1) == 0]
+        working = [f for f in working if num_classes - f >= num_tasks - 1]
+        raise ValueError(
+            f"cannot split the {rest} classes left after first_task_classes={first_task_classes} evenly into "
+            f"{num_tasks - 1} tasks; first_task_classes that work with num_tasks={num_tasks}: {_short(working)}"
+        )
+    return [first_task_classes] + [rest // (num_tasks - 1)] * (num_tasks - 1)
+
+
+def task_offsets(sizes: Sequence[int]) -> list[int]:
+    """First remapped label of each task: ``[0, s0, s0 + s1, ...]`` (length ``len(sizes)``)."""
+    return [int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]])] if len(sizes) else []
+
+
+def task_ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Half-open remapped label range ``(start, stop)`` of each task."""
+    return [(o, o + int(s)) for o, s in zip(task_offsets(sizes), sizes, strict=True)]
+
+
+def inverse_class_order(class_order: Sequence[int]) -> np.ndarray:
+    """Lookup table ``inv`` with ``inv[original_label] = remapped_label`` (int64)."""
+    inv = np.empty(len(class_order), dtype=np.int64)
+    inv[np.asarray(class_order, dtype=np.int64)] = np.arange(len(class_order))
+    return inv
+
+
+def remap_labels(labels: np.ndarray | Sequence[int], class_order: Sequence[int]) -> np.ndarray:
+    """Map original labels to remapped labels (``order[i]`` becomes ``i``); returns int64."""
+    return inverse_class_order(class_order)[np.asarray(labels, dtype=np.int64)]
+
+
+def task_of_labels(remapped: np.ndarray | Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    """Task id (int64) of each remapped label."""
+    bounds = np.cumsum(sizes)
+    return np.searchsorted(bounds, np.asarray(remapped, dtype=np.int64), side="right").astype(np.int64)
+
+
+def task_sample_indices(remapped: np.ndarray, sizes: Sequence[int], tasks: int | Sequence[int]) -> np.ndarray:
+    """Indices (sorted, int64) of the samples whose remapped label belongs to ``tasks`` (one task id or several)."""
+    wanted = np.atleast_1d(np.asarray(tasks, dtype=np.int64))
+    return np.flatnonzero(np.isin(task_of_labels(remapped, sizes), wanted)).astype(np.int64)
+
+
+def split_per_class(
+    targets: np.ndarray | Sequence[int], train_fraction: float = 0.8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class train/test split of a labelled set without one (ImageNet-R in the CODA-Prompt reference).
+
+    Within each class the samples are permuted with ``numpy.random.default_rng([seed, class])`` and the first
+    ``round(train_fraction * n)`` go to train (at least one sample stays on each side when the class has two or more),
+    so the split of one class does not depend on the other classes.
+
+    Args:
+        targets: Label of each sample.
+        train_fraction: Fraction of each class that goes to the training split, in (0, 1).
+        seed: Seed of the split.
+
+    Returns:
+        ``(train_indices, test_indices)``: disjoint sorted int64 index arrays covering every sample.
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    targets = np.asarray(targets, dtype=np.int64)
+    train, test = [], []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+        n_train = int(round(train_fraction * len(idx)))
+        if len(idx) >= 2:
+            n_train = min(max(n_train, 1), len(idx) - 1)
+        train.append(idx[:n_train])
+        test.append(idx[n_train:])
+    empty = np.empty(0, dtype=np.int64)
+    return (
+        np.sort(np.concatenate(train)) if train else empty,
+        np.sort(np.concatenate(test)) if test else empty,
+    )
+
+
+def _short(values: Sequence[int], limit: int = 12) -> str:
+    values = list(values)
+    text = ", ".join(str(v) for v in values[:limit])
+    return f"[{text}{', ...' if len(values) > limit else ''}]"

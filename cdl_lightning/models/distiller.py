@@ -1,0 +1,187 @@
+"""`Distiller`: a student prompt learner taught, task by task, by a frozen teacher run's per-task snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from cdl_lightning.models.learner import PromptLearner
+from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
+from cdl_lightning.nn.kd import DistillationMethod, ModelShape
+from cdl_lightning.nn.prompts.base import build_prompt_pool
+from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
+
+
+class TeacherRun:
+    """What a distiller needs from a teacher `PromptLearner` checkpoint: its architecture and per-task snapshots.
+
+    Args:
+        path: a checkpoint written by a finished teacher run (``last.ckpt``), holding one snapshot per task.
+    """
+
+    def __init__(self, path: str) -> None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {str(file)!r} does not exist: train the teacher first with "
+                                    "`cdl fit --config <teacher config>` and point `teacher_checkpoint` at its "
+                                    "checkpoints/last.ckpt")
+        # our own file format (hyper-parameters hold dataclasses), so the full unpickler is needed
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+        if "cdl" not in checkpoint:
+            raise ValueError(f"{file} is not a cdl-lightning PromptLearner checkpoint")
+        self.path = str(file)
+        self.hparams: dict[str, Any] = dict(checkpoint["hyper_parameters"])
+        cdl = checkpoint["cdl"]
+        self.task_sizes: list[int] = list(cdl["task_sizes"])
+        self.class_order: list[int] | None = cdl["class_order"]
+        self.prompt_spec: dict[str, Any] | None = cdl["prompt_spec"]
+        self.snapshots: list[dict[str, Tensor]] = cdl["task_snapshots"]
+        self.backbone: BackboneConfig = as_backbone_config(self.hparams["backbone"])
+        self.query_backbone: BackboneConfig | None = as_backbone_config(self.hparams.get("query_backbone"))
+
+    @property
+    def query_identity(self) -> tuple:
+        return (self.query_backbone or self.backbone).identity()
+
+    def check_matches(self, task_sizes: list[int], class_order: list[int] | None) -> None:
+        """Refuse a teacher trained on another task split or class order, or one that did not finish."""
+        if self.task_sizes != list(task_sizes):
+            raise ValueError(f"teacher {self.path} was trained on tasks of sizes {self.task_sizes}, the student's data "
+                             f"has {list(task_sizes)}: use the same data settings (num_tasks, first_task_classes, "
+                             "source) for teacher and student")
+        if class_order is not None and self.class_order is not None and list(class_order) != list(self.class_order):
+            raise ValueError(f"teacher {self.path} used another class order than the student's data (first labels "
+                             f"{list(self.class_order)[:5]} vs {list(class_order)[:5]}): use the same class_order and "
+                             "seed for both runs")
+        if len(self.snapshots) < len(task_sizes):
+            raise ValueError(f"teacher {self.path} holds snapshots of {len(self.snapshots)} of {len(task_sizes)} tasks: "
+                             "let the teacher run finish (or resume it) before distilling")
+
+    def build(self, query_encoder: PromptedViT | None) -> PromptedClassifier:
+        """The frozen teacher network (eval mode, no grad); ``query_encoder`` is shared with the student if given."""
+        backbone = self.backbone.build()
+        if query_encoder is None and self.query_backbone is not None:
+            query_encoder = self.query_backbone.build()
+        prompt = build_prompt_pool(self.prompt_spec) if self.prompt_spec is not None else None
+        teacher = PromptedClassifier(backbone, sum(self.task_sizes), prompt, query_encoder)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def snapshot(self, task: int) -> dict[str, Tensor]:
+        """The teacher's classifier state after ``task`` (keys relative to the classifier)."""
+        prefix = "classifier."
+        return {k[len(prefix):]: v for k, v in self.snapshots[task].items() if k.startswith(prefix)}
+
+
+class Distiller(PromptLearner):
+    """Continual distillation (CDL, Zhang et al. 2024): for every task ``t`` the student learns ``t`` with knowledge
+    distillation from the teacher's state after ``t``.
+
+    The teacher comes from a finished teacher run's checkpoint; it switches to snapshot ``t`` when task ``t`` starts,
+    runs in eval mode under ``no_grad`` (in the trainer's precision), is not registered as a submodule (so DDP does not
+    wrap it and checkpoints do not hold it), and its weights never change. When teacher and student take the prompt
+    query from the same frozen ViT, the query pass runs once and is shared.
+
+    Args:
+        method: the distillation method (`DistillationMethod` = none, `LogitKD`, `DKD`, `FitNets`, `ReviewKD`,
+            `DeiTToken`, `KDP`).
+        teacher_checkpoint: the teacher run's final checkpoint; required by every method but ``none``.
+        teacher_prompt_mode: ``"eval"`` runs the teacher's prompt selection as at evaluation (key matching), ``"train"``
+            as in training (true task id for DualPrompt).
+        **kwargs: `PromptLearner` arguments for the student.
+    """
+
+    def __init__(
+        self,
+        method: DistillationMethod | None = None,
+        teacher_checkpoint: str | None = None,
+        teacher_prompt_mode: Literal["eval", "train"] = "eval",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters(ignore=["prompt", "method"])
+        method = method if method is not None else DistillationMethod()
+        self.teacher_prompt_mode = teacher_prompt_mode
+        self.teacher_run: TeacherRun | None = None
+        teacher: PromptedClassifier | None = None
+        self.share_query = False
+        if method.needs_teacher:
+            if teacher_checkpoint is None:
+                raise ValueError(f"{type(method).__name__} distils from a teacher: set `teacher_checkpoint` to a "
+                                 "finished teacher run's checkpoint")
+            self.teacher_run = TeacherRun(teacher_checkpoint)
+            self.teacher_run.check_matches(self.task_sizes, self.hparams.class_order)
+            student_query = self.query_config or self.backbone_config
+            self.share_query = self.teacher_run.query_identity == student_query.identity()
+            shared = self.classifier.query_encoder or self.classifier.backbone if self.share_query else None
+            teacher = self.teacher_run.build(shared)
+            teacher.load_state_dict(self.teacher_run.snapshot(0), strict=False)
+        # the teacher is deliberately not a registered submodule: DDP must not wrap it, checkpoints must not hold it
+        object.__setattr__(self, "teacher", teacher)
+        student_vit = self.classifier.backbone
+        teacher_shape = None
+        if teacher is not None:
+            teacher_shape = ModelShape(teacher.backbone.embed_dim, teacher.backbone.depth, self.num_classes)
+        method.bind(ModelShape(student_vit.embed_dim, student_vit.depth, self.num_classes), teacher_shape)
+        self.method = method
+        self.teacher_task = 0
+
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> Distiller:
+        # device / dtype moves reach the unregistered teacher too
+        super()._apply(fn, recurse)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher._apply(fn, recurse)
+        return self
+
+    @override
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.eval()
+        return self
+
+    def load_teacher_task(self, task: int) -> None:
+        """Switch the teacher to its state after ``task``."""
+        if self.teacher is None:
+            return
+        missing, unexpected = self.teacher.load_state_dict(self.teacher_run.snapshot(task), strict=False)
+        trainable = {k for k, p in self.teacher.named_parameters() if k.startswith(("prompt.", "head."))}
+        if unexpected or trainable & set(missing):
+            raise RuntimeError(f"teacher snapshot {task} does not fit the teacher network (missing "
+                               f"{sorted(trainable & set(missing))[:3]}, unexpected {unexpected[:3]})")
+        self.teacher_task = task
+
+    @override
+    def open_task(self, task: int) -> None:
+        super().open_task(task)
+        self.load_teacher_task(task)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.opened_task >= 0:
+            self.load_teacher_task(self.opened_task)
+
+    @override
+    def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
+        if self.teacher is None:
+            return None
+        if self.teacher_task != task:
+            self.load_teacher_task(task)
+        with torch.no_grad():
+            return self.teacher(
+                images,
+                task,
+                train=self.teacher_prompt_mode == "train",
+                query=query if self.share_query else None,
+                return_blocks=self.method.needs_teacher_blocks,
+            )
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        """The frozen teacher's parameters (for inspection and tests)."""
+        return [] if self.teacher is None else list(self.teacher.parameters())

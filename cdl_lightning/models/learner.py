@@ -1,0 +1,252 @@
+"""`PromptLearner`: one prompt learner trained over the whole task sequence inside one ``trainer.fit``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from typing_extensions import override
+
+from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
+from cdl_lightning.nn.kd import DistillationMethod
+from cdl_lightning.nn.prompts.base import PromptPool
+from cdl_lightning.nn.vit import BackboneConfig, as_backbone_config
+
+PromptFactory = Callable[[int, int, int], PromptPool]
+"""Builds a prompt pool from ``(embed_dim, key_dim, num_tasks)``; in YAML a ``class_path`` with ``init_args``."""
+
+FROZEN_PREFIXES = ("classifier.backbone.", "classifier.query_encoder.")
+
+
+def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = False) -> float:
+    """The CODA-Prompt reference schedule factor ``cos(99 pi i / (200 (K - 1)))`` (a quarter cosine from 1 down to
+    ~0.016, not ``(1 + cos) / 2``), with ``i`` the epoch within the task; ``off_by_one`` reproduces the reference,
+    whose epochs 0 and 1 both use ``i = 0`` (epoch ``e >= 1`` uses ``i = e - 1``)."""
+    if epochs_per_task <= 1:
+        return 1.0
+    i = max(epoch_in_task - 1, 0) if off_by_one else epoch_in_task
+    return math.cos(99 * math.pi * i / (200 * (epochs_per_task - 1)))
+
+
+class PromptLearner(LightningModule):
+    """A prompt learner (L2P, DualPrompt, CODA-Prompt, or a linear probe) on a frozen timm ViT, over a task sequence.
+
+    One fit covers all tasks: the current task is ``current_epoch // epochs_per_task``. When a task starts, the
+    prompt pool opens it (CODA re-draws its slice), Adam's state is cleared and the per-task LR schedule restarts;
+    training logits are cut to the seen classes with past-task columns at ``-inf``; evaluation uses all seen classes.
+    At each task end the trainable state is snapshotted (a distiller's teacher reads these snapshots). Checkpoints
+    hold the trainable state, the snapshots and the backbone's identity, never the frozen weights.
+
+    Args:
+        backbone: identity of the frozen ViT (timm name, pretrained or local weights file, normalisation).
+        prompt: prompt pool factory (``class_path`` + ``init_args`` in YAML); ``None`` = linear probe baseline.
+        query_backbone: a separate frozen ViT for the prompt query; ``None`` = ``backbone`` itself. The CDL reference
+            takes the query from a ViT of the student's architecture in both teacher and student.
+        task_sizes: classes per task (linked from the data module by the CLI).
+        epochs_per_task: epochs of each task (linked from the data module by the CLI).
+        class_names: class names in label order (linked; kept in checkpoints for ``cdl predict``).
+        class_order: original class id of each label (linked; a distiller checks its teacher against it).
+        lr: Adam learning rate (reference 1e-3).
+        betas: Adam betas (reference 0.9, 0.999).
+        weight_decay: Adam weight decay (reference 0).
+        schedule: ``"cosine"`` = the reference's quarter cosine per task, or ``"constant"``.
+        reference_lr_off_by_one: reproduce the reference's schedule off-by-one (epochs 0 and 1 share the first LR).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        prompt: PromptFactory | None = None,
+        query_backbone: BackboneConfig | None = None,
+        task_sizes: list[int] | None = None,
+        epochs_per_task: int = 1,
+        class_names: list[str] | None = None,
+        class_order: list[int] | None = None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        schedule: Literal["cosine", "constant"] = "cosine",
+        reference_lr_off_by_one: bool = False,
+    ) -> None:
+        super().__init__()
+        if not task_sizes:
+            raise ValueError("task_sizes is required (classes per task); `cdl` links it from the data module, from "
+                             "Python pass `task_sizes=datamodule.task_sizes`")
+        if epochs_per_task < 1:
+            raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
+        backbone = as_backbone_config(backbone) or BackboneConfig()
+        query_backbone = as_backbone_config(query_backbone)
+        self.save_hyperparameters(ignore=["prompt"])
+        self.backbone_config, self.query_config = backbone, query_backbone
+        self.task_sizes = list(task_sizes)
+        self.offsets = [0]
+        for size in self.task_sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.num_tasks, self.num_classes = len(self.task_sizes), self.offsets[-1]
+        self.epochs_per_task = epochs_per_task
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        vit = backbone.build()
+        query_vit = query_backbone.build() if query_backbone is not None else None
+        key_dim = (query_vit or vit).embed_dim
+        pool = prompt(vit.embed_dim, key_dim, self.num_tasks) if prompt is not None else None
+        self.prompt_spec = pool.spec() if pool is not None else None
+        self.classifier = PromptedClassifier(vit, self.num_classes, pool, query_vit)
+        self.method = DistillationMethod()
+        self.opened_task = -1
+        self.task_snapshots: list[dict[str, Tensor]] = []
+        self.strict_loading = False  # checkpoints omit the frozen backbone
+
+    # ----------------------------------------------------------------------------------------------- task bookkeeping
+    @property
+    def current_task(self) -> int:
+        """The task being trained (during fit) or the last learned task (otherwise)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            return min(trainer.current_epoch // self.epochs_per_task, self.num_tasks - 1)
+        return max(len(self.task_snapshots) - 1, self.opened_task, 0)
+
+    def task_range(self, task: int) -> tuple[int, int]:
+        """Label range ``[start, stop)`` of a task."""
+        return self.offsets[task], self.offsets[task + 1]
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Detached copies of every trainable parameter (prompts, keys, heads, method parameters)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def snapshot_task(self, task: int) -> None:
+        """Record the trainable state after ``task`` (idempotent; earlier missing tasks are filled first)."""
+        while len(self.task_snapshots) <= task:
+            self.task_snapshots.append({k: v.cpu() for k, v in self.trainable_state().items()})
+
+    def open_task(self, task: int) -> None:
+        """Start ``task``: snapshot the finished ones, let the prompt pool open it, reset the optimizer state."""
+        if task > 0:
+            self.snapshot_task(task - 1)
+        if self.classifier.prompt is not None:
+            self.classifier.prompt.start_task(task)
+        if self._trainer is not None:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+        self.opened_task = task
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        task = self.current_task
+        if task != self.opened_task:
+            self.open_task(task)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        trainer = self.trainer
+        last_epoch_of_task = (trainer.current_epoch + 1) % self.epochs_per_task == 0
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and last_epoch_of_task:
+            self.snapshot_task(self.current_task)
+
+    @override
+    def on_train_end(self) -> None:
+        if self.opened_task >= 0 and (self.trainer.current_epoch % self.epochs_per_task == 0):
+            self.snapshot_task(self.opened_task)
+
+    # ----------------------------------------------------------------------------------------------------- forward
+    def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
+        """The frozen teacher's output for this batch (a plain learner has none)."""
+        return None
+
+    def student_forward(self, images: Tensor, task: int, train: bool, query: Tensor | None = None) -> ClassifierOutput:
+        inputs = self.method.student_inputs()
+        return self.classifier(images, task, train, query=query, prefixes=inputs.prefixes, prepend=inputs.prepend,
+                               append=inputs.append, return_blocks=train and self.method.needs_student_blocks)
+
+    def forward(self, images: Tensor, task: int | None = None) -> Tensor:
+        """Inference logits over the classes of tasks ``0..task`` (default: all learned so far)."""
+        task = self.current_task if task is None else task
+        return self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]]
+
+    @override
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets, _ = batch
+        task = self.current_task
+        start, stop = self.task_range(task)
+        if targets.numel() and (targets.min() < start or targets.max() >= stop):
+            raise RuntimeError(f"batch labels {targets.min().item()}..{targets.max().item()} are outside task {task}'s "
+                               f"range [{start}, {stop}): the data module and the model disagree on the task split")
+        query = self.classifier.query(images) if self.classifier.prompt is not None else None
+        teacher = self.teacher_forward(images, task, query)
+        student = self.student_forward(images, task, train=True, query=query)
+        task_loss = self.method.loss(student, teacher, targets, start, stop)
+        loss = task_loss + student.prompt_loss
+        batch_size = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
+        self.log("train/task", float(task), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor], task: int) -> dict[str, Tensor]:
+        images, targets, task_ids = batch
+        return {"logits": self(images, task).float(), "targets": targets, "task_ids": task_ids}
+
+    @override
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, self.current_task)
+
+    @override
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, self.current_task)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        images, index = batch[0], batch[1]
+        probs = F.softmax(self(images).float(), dim=1)
+        scores, preds = probs.max(dim=1)
+        return {"preds": preds, "scores": scores, "index": index}
+
+    # --------------------------------------------------------------------------------------------------- optimizer
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
+            return {"optimizer": optimizer}
+        epochs, quirk = self.epochs_per_task, hp.reference_lr_off_by_one
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: quarter_cosine(epoch % epochs, epochs, quirk)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -------------------------------------------------------------------------------------------------- checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["cdl"] = {
+            "opened_task": self.opened_task,
+            "task_snapshots": self.task_snapshots,
+            "prompt_spec": self.prompt_spec,
+            "task_sizes": self.task_sizes,
+            "class_order": self.hparams.class_order,
+            "class_names": self.class_names,
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cdl = checkpoint.get("cdl")
+        if cdl is None:
+            raise ValueError("this checkpoint was not written by a cdl-lightning PromptLearner/Distiller")
+        if list(cdl["task_sizes"]) != self.task_sizes:
+            raise ValueError(f"checkpoint task sizes {cdl['task_sizes']} differ from the model's {self.task_sizes}")
+        self.opened_task = cdl["opened_task"]
+        self.task_snapshots = cdl["task_snapshots"]
+        if self.opened_task >= 0 and self.classifier.prompt is not None:
+            # restore the pool's notion of the open task without re-drawing (the weights come from the checkpoint)
+            self.classifier.prompt.task = self.opened_task
+        missing = [k for k in self.trainable_state() if k not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable parameters {missing[:5]}: was it written by another model "
+                             "configuration?")

@@ -1,0 +1,253 @@
+"""A timm Vision Transformer that accepts per-layer key/value prefixes and extra tokens.
+
+Prefix tuning (Li & Liang, 2021) as used by prompt-based continual learning (L2P, DualPrompt, CODA-Prompt): a
+prompt for layer ``l`` is a pair ``(Pk, Pv)`` concatenated to that block's attention keys and values,
+``K = [Pk; K]``, ``V = [Pv; V]``. Queries come only from the real tokens, so the sequence length does not grow.
+
+`PromptedViT` wraps a timm ``VisionTransformer`` (it never copies timm's code): it walks ``vit.blocks`` itself and,
+for a block that receives a prefix, re-states ``Block.forward``/``Attention.forward`` with the block's own
+submodules and ``F.scaled_dot_product_attention`` (fused kernels), so with no prompts the output is bit-identical to
+``vit.forward_features``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+Prefix = tuple[Tensor, Tensor]
+"""A key prefix and a value prefix, each ``B x L x D`` (or ``1 x L x D`` to broadcast over the batch)."""
+
+
+def merge_prefixes(*prefix_maps: dict[int, Prefix] | None) -> dict[int, Prefix]:
+    """Concatenate several ``{layer: (Pk, Pv)}`` maps along the token axis (batch-broadcasting as needed)."""
+    merged: dict[int, list[Prefix]] = {}
+    for prefixes in prefix_maps:
+        for layer, prefix in (prefixes or {}).items():
+            merged.setdefault(layer, []).append(prefix)
+    out: dict[int, Prefix] = {}
+    for layer, parts in merged.items():
+        if len(parts) == 1:
+            out[layer] = parts[0]
+            continue
+        batch = max(p[0].shape[0] for p in parts)
+        keys = torch.cat([p[0].expand(batch, -1, -1) for p in parts], dim=1)
+        values = torch.cat([p[1].expand(batch, -1, -1) for p in parts], dim=1)
+        out[layer] = (keys, values)
+    return out
+
+
+def prefix_attention(attn: Attention, x: Tensor, prefix: Prefix) -> Tensor:
+    """timm ``Attention.forward`` with a key/value prefix; the prefix enters after the qkv projection and q/k norm."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    pk, pv = prefix
+    pk = pk.to(k.dtype).expand(batch, -1, -1).reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    pv = pv.to(v.dtype).expand(batch, -1, -1).reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = torch.cat([pk, k], dim=2)
+    v = torch.cat([pv, v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def prefix_block(block: Block, x: Tensor, prefix: Prefix) -> Tensor:
+    """timm ``Block.forward`` whose attention receives a key/value prefix."""
+    x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+@dataclass
+class ViTOutput:
+    """What `PromptedViT.forward` returns.
+
+    Attributes:
+        tokens: final-norm tokens ``B x N x D`` (extra tokens included, in sequence order).
+        blocks: every block's output tokens before the final norm, if requested.
+    """
+
+    tokens: Tensor
+    blocks: list[Tensor] = field(default_factory=list)
+
+
+class PromptedViT(nn.Module):
+    """A frozen timm ``VisionTransformer`` run with per-layer prefixes and extra tokens.
+
+    Args:
+        vit: a timm ``VisionTransformer`` with ``global_pool='token'`` and a class token.
+        input_norm: ``"timm"`` normalises ``[0, 1]`` images with the model's ``pretrained_cfg`` mean/std (sane
+            default); ``"none"`` feeds them unnormalised, as the CODA-Prompt/CDL reference code does (a quirk).
+    """
+
+    def __init__(self, vit: VisionTransformer, input_norm: Literal["timm", "none"] = "timm") -> None:
+        super().__init__()
+        if type(vit) is not VisionTransformer:
+            raise TypeError(f"PromptedViT needs a timm VisionTransformer, got {type(vit).__name__}")
+        if vit.cls_token is None or vit.global_pool != "token":
+            raise ValueError("PromptedViT needs a ViT with a class token and global_pool='token'")
+        for i, block in enumerate(vit.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise TypeError(f"block {i} is {type(block).__name__}/{type(block.attn).__name__}: prefixes need "
+                                "timm's plain Block and Attention")
+        self.vit = vit
+        self.input_norm = input_norm
+        cfg = getattr(vit, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406)) if input_norm == "timm" else (0.0, 0.0, 0.0)
+        std = cfg.get("std", (0.229, 0.224, 0.225)) if input_norm == "timm" else (1.0, 1.0, 1.0)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class (and register) tokens in front of the patch tokens."""
+        return self.vit.num_prefix_tokens
+
+    def normalize(self, images: Tensor) -> Tensor:
+        if self.input_norm == "none":
+            return images
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(
+        self,
+        images: Tensor,
+        prefixes: dict[int, Prefix] | None = None,
+        prepend: Tensor | None = None,
+        append: Tensor | None = None,
+        return_blocks: bool = False,
+    ) -> ViTOutput:
+        """Run the ViT on ``[0, 1]`` images.
+
+        Args:
+            images: ``B x 3 x H x W`` in ``[0, 1]``.
+            prefixes: ``{layer: (Pk, Pv)}`` key/value prefixes for the given blocks.
+            prepend: extra tokens ``1|B x n x D`` put at position 0, before the class token, after the positional
+                embedding was added (so they get none): the DeiT distillation token.
+            append: extra tokens put at the end of the sequence after the positional embedding (the KDP KD token).
+            return_blocks: also return every block's output tokens (before the final norm).
+        """
+        vit = self.vit
+        x = vit.patch_drop(vit._pos_embed(vit.patch_embed(self.normalize(images))))
+        batch = x.shape[0]
+        if prepend is not None:
+            x = torch.cat([prepend.to(x.dtype).expand(batch, -1, -1), x], dim=1)
+        if append is not None:
+            x = torch.cat([x, append.to(x.dtype).expand(batch, -1, -1)], dim=1)
+        x = vit.norm_pre(x)
+        prefixes = prefixes or {}
+        blocks: list[Tensor] = []
+        for i, block in enumerate(vit.blocks):
+            prefix = prefixes.get(i)
+            x = block(x) if prefix is None else prefix_block(block, x, prefix)
+            if return_blocks:
+                blocks.append(x)
+        return ViTOutput(tokens=vit.norm(x), blocks=blocks)
+
+    @torch.no_grad()
+    def query(self, images: Tensor) -> Tensor:
+        """The prompt query: final-norm class token of the ViT without prompts (``forward_features(x)[:, 0]``)."""
+        return self.vit.forward_features(self.normalize(images))[:, 0]
+
+
+class OfflineWeightsError(RuntimeError):
+    """Pretrained weights could not be fetched (this machine is offline or the hub is unreachable)."""
+
+
+def create_vit(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> VisionTransformer:
+    """Build a timm ViT for prompting, without classifier, from its identity.
+
+    Args:
+        name: timm model name; name the pretrained tag explicitly, e.g. ``vit_base_patch16_224.augreg_in21k_ft_in1k``.
+        pretrained: download timm's pretrained weights (fails offline with `OfflineWeightsError`).
+        checkpoint_path: a local weights file (``.pth``, ``.bin``, ``.safetensors`` or ``.npz``) loaded through timm's
+            pretrained-loading path (so pos-embed resizing and key filtering apply); takes precedence over download.
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``, ``embed_dim``, ``depth`` for tiny test
+            models).
+
+    Raises:
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+        OfflineWeightsError: the weights are not local and the download failed.
+    """
+    kwargs = dict(model_kwargs or {})
+    kwargs.setdefault("num_classes", 0)
+    kwargs.setdefault("global_pool", "token")
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone checkpoint_path {str(path)!r} does not exist; point it at a timm/HF "
+                                    f"weights file (.pth, .bin, .safetensors or .npz) for {name!r}")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # network errors surface as many exception types (OSError, HF hub errors, ...)
+        raise OfflineWeightsError(
+            f"could not fetch pretrained weights for {name!r} ({type(err).__name__}: {err}). This machine may be "
+            "offline. Download the weights elsewhere (e.g. the model's `model.safetensors` on the HF hub) and pass "
+            "`checkpoint_path: /path/to/model.safetensors` for this backbone, or set `pretrained: false` to train "
+            "from random weights."
+        ) from err
+
+
+@dataclass
+class BackboneConfig:
+    """The identity of a frozen backbone: enough to rebuild it, small enough to live in a checkpoint.
+
+    Args:
+        name: timm model name with its pretrained tag.
+        pretrained: load timm's pretrained weights.
+        checkpoint_path: local weights file instead of a download.
+        model_kwargs: extra ``timm.create_model`` arguments.
+        input_norm: ``"timm"`` (pretrained_cfg mean/std) or ``"none"`` (the reference's quirk).
+    """
+
+    name: str = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    input_norm: Literal["timm", "none"] = "timm"
+
+    def build(self) -> PromptedViT:
+        """Build the frozen, eval-mode `PromptedViT`."""
+        vit = create_vit(self.name, self.pretrained, self.checkpoint_path, self.model_kwargs)
+        model = PromptedViT(vit, input_norm=self.input_norm)
+        model.requires_grad_(False)
+        return model.eval()
+
+    def identity(self) -> tuple:
+        """A hashable key: two configs with the same identity build the same frozen network."""
+        kwargs = tuple(sorted((self.model_kwargs or {}).items()))
+        return self.name, self.pretrained, self.checkpoint_path, kwargs, self.input_norm
+
+
+def as_backbone_config(value: BackboneConfig | dict[str, Any] | None) -> BackboneConfig | None:
+    """Accept a `BackboneConfig` or its fields as a dict (as configs and checkpoint hyper-parameters store it)."""
+    if value is None or isinstance(value, BackboneConfig):
+        return value
+    return BackboneConfig(**dict(value))
