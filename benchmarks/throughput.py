@@ -1,21 +1,19 @@
-"""Throughput of cdl-lightning's CODA-Prompt learners and KDP distiller on synthetic batches.
+"""Throughput of cdl-lightning's CODA-Prompt learners and KDP distiller on synthetic 224 px batches.
 
-Cases (one table row and one JSON line each, the JSON line printed as soon as the case finishes):
+Cases (a table row and a JSON line each; the JSON line is printed as soon as the case finishes):
 * ``train-learner``: a CODA-Prompt (pool 100, length 8, layers 0-4) `PromptLearner` step on ViT-S/16 and ViT-B/16:
   ``training_step`` (no-grad query pass, prompted forward, loss), ``backward``, Adam ``step``, ``zero_grad``.
 * ``infer``: ``model(images, task=0)`` under ``no_grad`` in eval mode (query pass included), at ``--batch``
   (throughput) and at batch 1 (latency: median of individually synchronised calls).
-* ``train-distill``: a KDP `Distiller` student step, the frozen CODA teacher's no-grad forward included; the teacher
-  is loaded from a checkpoint written here (ViT-B -> ViT-S at ``--batch``, ViT-L -> ViT-B at ``--large-batch``).
-How: the library's own classes with random weights, moved to the device, ``open_task(0)``, the optimizer from
-``configure_optimizers()``. One fixed random ``[0, 1]`` batch (224 px, labels of task 0): no data loading is timed.
-After ``--warmup`` untimed steps, ``--steps`` steps are timed with CUDA events around the loop. bf16 = the step under
-``torch.autocast(device, bfloat16)``; fp32 = no autocast at PyTorch's default matmul precision (printed). Peak memory:
-``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
-``--query reference`` gives teacher-side models their student architecture's prompt query as the CDL reference code
-does (ViT-B -> ViT-S query, ViT-L -> ViT-B); ``train-distill`` then shares that query pass between teacher and student.
-``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths 32/64/96 for S/B/L; CODA pool 30, layers 0-3) on CPU with
-2 timed steps: a smoke test of this script, its numbers mean nothing.
+* ``train-distill``: a KDP `Distiller` student step including the frozen CODA teacher's no-grad forward; the teacher
+  comes from a checkpoint written here (ViT-B -> ViT-S at ``--batch``, ViT-L -> ViT-B at ``--large-batch``).
+How: the library's classes with random weights, on the device, ``open_task(0)``, Adam from ``configure_optimizers``;
+one fixed random ``[0, 1]`` batch with task-0 labels (no data loading); ``--warmup`` untimed steps, then ``--steps``
+timed with CUDA events. bf16 = under ``torch.autocast``; fp32 = no autocast, default matmul precision (printed).
+Peak memory: ``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
+``--query reference``: teacher-side models take their student architecture's query as in the CDL reference (B -> S,
+L -> B), shared by teacher and student in ``train-distill``. ``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths
+32/64/96 for S/B/L; CODA pool 30, layers 0-3) on CPU, 2 timed steps: a smoke test, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import lightning
 import timm
@@ -51,11 +48,8 @@ TASK_SIZES = [10] * 10
 CASES = ("train-learner", "infer", "train-distill")
 # Quoted from the issue: the reference code measured by someone else on one H100, fp32, batch 64 (L->B: 32).
 REFERENCE_FIGURES = {
-    ("train-learner", "B", 64): "306 img/s, 209 ms/step, 11.4 GiB",
-    ("infer", "S", 64): "1516 img/s",
-    ("train-distill", "B->S", 64): "365 img/s, 176 ms/step, 19.2 GiB",
-    ("train-distill", "L->B", 32): "115 img/s",
-}
+    ("train-learner", "B", 64): "306 img/s, 209 ms/step, 11.4 GiB", ("infer", "S", 64): "1516 img/s",
+    ("train-distill", "B->S", 64): "365 img/s, 176 ms/step, 19.2 GiB", ("train-distill", "L->B", 32): "115 img/s"}
 Step = Callable[[int], None]
 
 
@@ -66,7 +60,6 @@ class Settings:
     warmup: int
     steps: int
     compile: bool
-    image_size: int
 
 
 @dataclass
@@ -74,7 +67,6 @@ class Result:
     case: str
     model: str
     precision: str
-    query: str
     batch: int
     img_per_s: float | None = None
     ms_per_step: float | None = None
@@ -89,13 +81,8 @@ def backbone(arch: str, s: Settings) -> BackboneConfig:
 
 
 def coda(s: Settings) -> Callable[..., CodaPrompt]:
-    # tiny: a CODA pool may not exceed the key width (32 for the tiny ViT-S), and there are only 4 blocks
-    pool, layers = (30, (0, 1, 2, 3)) if s.tiny else (100, (0, 1, 2, 3, 4))
+    pool, layers = (30, (0, 1, 2, 3)) if s.tiny else (100, (0, 1, 2, 3, 4))  # tiny: pool <= key width 32, 4 blocks
     return functools.partial(CodaPrompt, pool_size=pool, length=8, layers=layers)
-
-
-def query_arch(arch: str, query: str) -> str:
-    return REFERENCE_QUERY[arch] if query == "reference" else arch
 
 
 def learner(arch: str, query: str, s: Settings) -> PromptLearner:
@@ -127,19 +114,18 @@ def write_teacher_checkpoint(teacher_arch: str, student_arch: str, query: str, d
         teacher.snapshot_task(task)
     checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
     teacher.on_save_checkpoint(checkpoint)
-    path = str(Path(directory) / f"teacher_{teacher_arch}_{query}.ckpt")
+    path = f"{directory}/teacher_{teacher_arch}_{query}.ckpt"
     torch.save(checkpoint, path)
     return path
 
 
 def autocast(precision: str, s: Settings) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(s.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(s.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def synthetic_batch(batch: int, s: Settings) -> tuple[Tensor, Tensor, Tensor]:
-    images = torch.rand(batch, 3, s.image_size, s.image_size, device=s.device)
+    size = 32 if s.tiny else 224
+    images = torch.rand(batch, 3, size, size, device=s.device)
     targets = torch.randint(0, TASK_SIZES[0], (batch,), device=s.device)  # task 0's label range
     return images, targets, torch.zeros(batch, dtype=torch.long, device=s.device)
 
@@ -173,7 +159,7 @@ def time_ms(step: Step, s: Settings, latency: bool = False) -> float:
 
 
 def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency: bool = False) -> Result:
-    """Fill ``result`` with the timing and peak memory of the step ``make_step()`` builds (errors are recorded)."""
+    """Time the step ``make_step()`` builds after a memory reset; record timing, peak memory or the error."""
     gc.collect()
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -192,6 +178,7 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
 
 
 def train_step(model: PromptLearner, batch: tuple[Tensor, Tensor, Tensor], precision: str, s: Settings) -> Step:
+    """``training_step`` (query pass, teacher if any, student forward, loss) + backward + Adam step."""
     model.train()
     optimizer = model.configure_optimizers()["optimizer"]  # fresh Adam state per case
 
@@ -201,40 +188,36 @@ def train_step(model: PromptLearner, batch: tuple[Tensor, Tensor, Tensor], preci
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
     return step
 
 
 def infer_step(model: PromptLearner, images: Tensor, precision: str, s: Settings) -> Step:
+    """Inference logits of task 0's classes (query pass included)."""
     model.eval()
 
     def step(i: int) -> None:
         with torch.no_grad(), autocast(precision, s):
             model(images, task=0)
-
     return step
 
 
 def learner_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
-    """``train-learner`` and ``infer`` for ViT-S and ViT-B (one model build per architecture and query)."""
+    """``train-learner`` and ``infer`` for ViT-S and ViT-B, one build per architecture and query architecture (so
+    ViT-S, whose reference query is its own, is measured once)."""
     for arch in ("S", "B"):
-        modes: dict[str, str] = {}  # query architecture -> mode (ViT-S's reference query is its own)
-        for query in args.query:
-            modes.setdefault(query_arch(arch, query), query)
-        for query in modes.values():
-            label = f"{arch} (query {query_arch(arch, query)})"
-            model = prepare(learner(arch, query_arch(arch, query), s), s)
+        for query_arch in dict.fromkeys(REFERENCE_QUERY[arch] if q == "reference" else arch for q in args.query):
+            label = f"{arch} (query {query_arch})"
+            model = prepare(learner(arch, query_arch, s), s)
             for precision in args.precision:
                 if "train-learner" in args.cases:
                     batch = synthetic_batch(args.batch, s)
-                    yield measure(Result("train-learner", label, precision, query, args.batch),
-                                  lambda: train_step(model, batch, precision, s), s)
+                    yield measure(Result("train-learner", label, precision, args.batch),
+                                  functools.partial(train_step, model, batch, precision, s), s)
                 if "infer" in args.cases:
                     for size in (args.batch, 1):
                         images = synthetic_batch(size, s)[0]
-                        yield measure(Result("infer", label, precision, query, size),
-                                      lambda: infer_step(model, images, precision, s), s, latency=size == 1)
-            del model
+                        yield measure(Result("infer", label, precision, size),
+                                      functools.partial(infer_step, model, images, precision, s), s, size == 1)
 
 
 def distill_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
@@ -251,9 +234,8 @@ def distill_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
                 label = f"{teacher_arch}->{student_arch} (query {'shared' if model.share_query else 'own'})"
                 batch = synthetic_batch(size, s)
                 for precision in args.precision:
-                    yield measure(Result("train-distill", label, precision, query, size),
-                                  lambda: train_step(model, batch, precision, s), s)
-                del model
+                    yield measure(Result("train-distill", label, precision, size),
+                                  functools.partial(train_step, model, batch, precision, s), s)
 
 
 def print_environment(s: Settings, args: argparse.Namespace) -> None:
@@ -261,9 +243,8 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
            "lightning": lightning.__version__, "device": str(s.device), "precision": args.precision,
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile, "tiny": s.tiny,
            "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
-           "query": args.query, "cpu_threads": torch.get_num_threads()}
-    if s.device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(s.device), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+           "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none"}
     print("# environment\n" + "\n".join(f"  {key:<25} {value}" for key, value in env.items()))
     print(json.dumps({"bench": "cdl-throughput-env", **env}), flush=True)
 
@@ -274,13 +255,13 @@ def print_table(results: list[Result]) -> None:
              f"{r.ms_per_step:.2f}" if r.ms_per_step else "-", f"{r.peak_gib:.2f}" if r.peak_gib else "-",
              f"ERROR {r.error}" if r.error else (r.reference_fp32 or "")) for r in results]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    print("\n" + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " | reference figure (fp32, quoted from the "
-          "issue: the reference code on one H100, NOT measured here)")
+    print("\n" + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+          + " | reference figure (fp32, quoted from the issue: the reference code on one H100, NOT measured here)")
     print("-|-".join("-" * w for w in widths) + "-|-" + "-" * 40)
     for row in rows:
-        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))]
         print(" | ".join(cells) + " | " + row[-1])
-    print("(infer rows at batch 1 are latencies: median ms of individually synchronised calls)")
+    print("(infer at batch 1: latency, the median ms of individually synchronised calls)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,30 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="batch of train-learner, infer and B->S distillation")
     parser.add_argument("--large-batch", type=int, default=32, help="batch of L->B distillation")
     parser.add_argument("--pairs", nargs="+", choices=("b-s", "l-b"), default=["b-s", "l-b"], help="distill pairs")
-    parser.add_argument("--query", nargs="+", choices=("own", "reference"), default=["own"],
-                        help="own: each model queries its own backbone (library default); reference: teachers take "
-                             "their student architecture's query (the CDL reference; shared in train-distill)")
+    parser.add_argument("--query", nargs="+", choices=("own", "reference"), default=["own"], help="own: query from "
+                        "the own backbone (library default); reference: from the student's architecture (CDL code)")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default 10, tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default 30, tiny 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every PromptedViT's forward and query")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
     args = parser.parse_args(argv)
-    # Distiller's `method` module reaches PromptLearner.save_hyperparameters: a harmless Lightning warning
-    warnings.filterwarnings("ignore", message="Attribute 'method' is an instance of `nn.Module`")
+    warnings.filterwarnings("ignore", message="Attribute 'method' is an instance of `nn.Module`")  # harmless
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available: run on a GPU machine, or pass --tiny for the CPU smoke test")
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
-                 args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
-                 32 if args.tiny else 224)
+                 args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []
     if "train-distill" in args.cases:
         results += list(distill_cases(args, s))
-    results.sort(key=lambda r: CASES.index(r.case))
-    print_table(results)
+    print_table(sorted(results, key=lambda r: CASES.index(r.case)))
     print(f"# total wall time {time.perf_counter() - start:.0f} s")
     return 1 if any(r.error for r in results) else 0
 

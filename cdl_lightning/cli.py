@@ -61,6 +61,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CDLCLI:
         PromptLearner,
         ContinualDataModule,
         subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},  # re-running a named run (e.g. the demo) replaces its config.yaml
         trainer_defaults=trainer_defaults,
         args=args,
         run=run,

@@ -2,6 +2,7 @@
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,6 +27,7 @@ class _FakeTrainer:
     def __init__(self, epoch=0, world_size=1, rank=0, training=True):
         self.current_epoch, self.world_size, self.global_rank = epoch, world_size, rank
         self.training, self.predicting = training, False
+        self.state, self.lightning_module = SimpleNamespace(fn="fit"), None
 
 
 def test_attributes_and_validation():
@@ -230,7 +232,8 @@ def test_fit_resumes_mid_epoch_exactly(tmp_path):
     full, trainer = _fit(tmp_path, every=6)  # 8 batches per epoch (30 samples / 4): step 6 is mid-epoch 0
     assert isinstance(trainer.train_dataloader, ResumableDataLoader)
     assert len(full.seen) == 32 and [s[0] for s in full.seen] == [e for e in range(4) for _ in range(8)]
-    assert full.val_tasks == [[0] * 9, [0] * 9 + [1] * 9]  # after task 0: task 0; after task 1: tasks 0 and 1
+    # after task 0: task 0; after task 1: tasks 0 and 1, interleaved by class (so limit_val_batches sees every task)
+    assert full.val_tasks == [[0] * 9, [0, 0, 0, 1, 1, 1] * 3]
     for epoch in range(4):
         labels = {t for s in full.seen if s[0] == epoch for t in s[2]}
         assert labels == ({0, 1, 2} if epoch < 2 else {3, 4, 5})

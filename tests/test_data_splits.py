@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cdl_lightning.data.splits import (
+    interleave_classes,
     inverse_class_order,
     remap_labels,
     resolve_class_order,
@@ -87,3 +88,11 @@ def test_split_per_class_deterministic_disjoint():
     assert np.array_equal(only_class_1, train[targets[train] == 1])
     with pytest.raises(ValueError, match="train_fraction"):
         split_per_class(targets, 1.0)
+
+
+def test_interleave_classes():
+    labels = np.array([2, 2, 0, 0, 0, 1, 2])
+    order = interleave_classes(labels)
+    assert order.tolist() == [2, 5, 0, 3, 1, 4, 6]
+    assert labels[order].tolist() == [0, 1, 2, 0, 2, 0, 2]
+    assert interleave_classes([]).tolist() == []

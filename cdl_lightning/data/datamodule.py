@@ -20,6 +20,7 @@ from cdl_lightning.data.folder import list_images
 from cdl_lightning.data.loaders import ResumableDataLoader, ResumableSampler, derive_seed
 from cdl_lightning.data.source import DataSource, Split
 from cdl_lightning.data.splits import (
+    interleave_classes,
     remap_labels,
     resolve_class_order,
     task_of_labels,
@@ -152,7 +153,16 @@ class ContinualDataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
     def current_task(self) -> int:
-        """Task of the trainer's current epoch: ``min(current_epoch // epochs_per_task, num_tasks - 1)`` (0 alone)."""
+        """Task of the trainer's current epoch: ``min(current_epoch // epochs_per_task, num_tasks - 1)`` (0 alone).
+
+        Outside ``fit`` (``cdl validate --ckpt_path ...``) the loops are not restored, so the epoch says nothing; a
+        model that knows its last learned task (an integer ``current_task`` attribute, as our learners have) decides.
+        """
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn != "fit":
+            learned = getattr(trainer.lightning_module, "current_task", None)
+            if isinstance(learned, int):
+                return min(learned, self.num_tasks - 1)
         return min(self._epoch() // self.epochs_per_task, self.num_tasks - 1)
 
     def task_classes(self, task: int) -> range:
@@ -169,12 +179,17 @@ class ContinualDataModule(LightningDataModule):
         return self._targets[split]
 
     def task_dataset(self, split: Split, tasks: int | list[int] | tuple[int, ...]) -> TaskDataset:
-        """Samples of ``split`` whose class belongs to ``tasks`` (grouped by task, then source order); cached."""
+        """Samples of ``split`` whose class belongs to ``tasks``; cached.
+
+        Samples are interleaved by class (`interleave_classes`: the first sample of every class, then the second, ...),
+        so any prefix of an evaluation loader (``limit_val_batches``) covers every class of every task evenly.
+        """
         tasks = (tasks,) if isinstance(tasks, int) else tuple(tasks)
         key = (split, tasks)
         if key not in self._datasets:
             targets = self.targets(split)
-            indices = np.concatenate([task_sample_indices(targets, self.task_sizes, t) for t in tasks])
+            indices = task_sample_indices(targets, self.task_sizes, list(tasks))
+            indices = indices[interleave_classes(targets[indices])]
             transform = None
             if not self.source.fixed_size:
                 transform = self.train_crop if split == "train" else self.eval_crop

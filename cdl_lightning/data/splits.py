@@ -28,6 +28,7 @@ __all__ = [
     "remap_labels",
     "task_of_labels",
     "task_sample_indices",
+    "interleave_classes",
     "split_per_class",
 ]
 
@@ -159,6 +160,21 @@ def task_sample_indices(remapped: np.ndarray, sizes: Sequence[int], tasks: int |
     """Indices (sorted, int64) of the samples whose remapped label belongs to ``tasks`` (one task id or several)."""
     wanted = np.atleast_1d(np.asarray(tasks, dtype=np.int64))
     return np.flatnonzero(np.isin(task_of_labels(remapped, sizes), wanted)).astype(np.int64)
+
+
+def interleave_classes(labels: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Order (int64 positions) that interleaves the classes: the first sample of every class (by label), then the second
+    of every class, and so on; within a class the input order is kept.
+
+    Every prefix of the reordered samples is then (nearly) class-balanced, so evaluating only the first batches
+    (``limit_val_batches``) still covers every class and task.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    return np.lexsort((labels, rank)).astype(np.int64)
 
 
 def split_per_class(

@@ -225,6 +225,8 @@ class BackboneConfig:
         checkpoint_path: local weights file instead of a download.
         model_kwargs: extra ``timm.create_model`` arguments.
         input_norm: ``"timm"`` (pretrained_cfg mean/std) or ``"none"`` (the reference's quirk).
+        init_seed: seed of the random initialisation when no weights are loaded, so that a random backbone is
+            rebuilt identically from its identity (a resumed run, a teacher read by a distiller, ``cdl predict``).
     """
 
     name: str = "vit_small_patch16_224.augreg_in21k_ft_in1k"
@@ -232,10 +234,14 @@ class BackboneConfig:
     checkpoint_path: str | None = None
     model_kwargs: dict[str, Any] | None = None
     input_norm: Literal["timm", "none"] = "timm"
+    init_seed: int = 0
 
     def build(self) -> PromptedViT:
-        """Build the frozen, eval-mode `PromptedViT`."""
-        vit = create_vit(self.name, self.pretrained, self.checkpoint_path, self.model_kwargs)
+        """Build the frozen, eval-mode `PromptedViT` (random weights are seeded by ``init_seed``; the global RNG is
+        left untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            vit = create_vit(self.name, self.pretrained, self.checkpoint_path, self.model_kwargs)
         model = PromptedViT(vit, input_norm=self.input_norm)
         model.requires_grad_(False)
         return model.eval()
@@ -243,7 +249,8 @@ class BackboneConfig:
     def identity(self) -> tuple:
         """A hashable key: two configs with the same identity build the same frozen network."""
         kwargs = tuple(sorted((self.model_kwargs or {}).items()))
-        return self.name, self.pretrained, self.checkpoint_path, kwargs, self.input_norm
+        seed = None if self.pretrained or self.checkpoint_path else self.init_seed
+        return self.name, self.pretrained, self.checkpoint_path, kwargs, self.input_norm, seed
 
 
 def as_backbone_config(value: BackboneConfig | dict[str, Any] | None) -> BackboneConfig | None:
