@@ -254,6 +254,29 @@ def test_kdp_trains_kd_prompts_and_heads_only(teacher):
     assert distiller.method.kd_head.weight.shape == (CLASSES, 32)
 
 
+def test_distiller_checkpoint_holds_student_only_and_restores(teacher, tmp_path):
+    data = make_data(epochs_per_task=1)
+    distiller = Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
+    checkpoints = tmp_path / "checkpoints"
+    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=checkpoints, save_last=True)]).fit(distiller, data)
+    checkpoint = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    state = checkpoint["state_dict"]
+    assert set(state) == set(distiller.trainable_state())
+    assert any(k.startswith("method.") for k in state)
+    assert not [k for k in state if "teacher" in k or k.startswith("classifier.backbone.")]
+    assert checkpoint["hyper_parameters"]["teacher_checkpoint"] == teacher.last
+    fresh = Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
+    assert fresh.teacher_task == 0
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(state, strict=False)
+    assert fresh.teacher_task == 1 and fresh.opened_task == 1
+    for name, value in distiller.trainable_state().items():
+        assert torch.equal(fresh.trainable_state()[name], value), name
+    images = images_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images, 1), distiller.eval()(images, 1), rtol=0, atol=0)
+
+
 # =============================================================================================== teacher handling
 def test_teacher_switches_snapshot_at_task_boundary(teacher):
     data = make_data()

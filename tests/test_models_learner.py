@@ -204,7 +204,7 @@ def test_checkpoint_holds_the_snapshots(coda_run):
     checkpoint = torch.load(coda_run.last, map_location="cpu", weights_only=False)
     snapshots = checkpoint["cdl"]["task_snapshots"]
     assert len(snapshots) == NUM_TASKS
-    for saved, live in zip(snapshots, coda_run.model.task_snapshots):
+    for saved, live in zip(snapshots, coda_run.model.task_snapshots, strict=True):
         assert states_equal(saved, live)
     assert checkpoint["cdl"]["opened_task"] == 1
     assert checkpoint["cdl"]["task_sizes"] == [4, 4]
@@ -316,7 +316,7 @@ def test_quarter_cosine_values():
     assert quarter_cosine(19, 20) == pytest.approx(0.0157073, abs=1e-6)  # ~1.6% of lr0, not 0
     assert quarter_cosine(10, 20) == pytest.approx(math.cos(99 * math.pi * 10 / (200 * 19)), abs=1e-15)
     values = [quarter_cosine(i, 20) for i in range(20)]
-    assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))  # strictly decreasing
     assert quarter_cosine(0, 1) == 1.0
     # the reference's off-by-one: epochs 0 and 1 both use i = 0, epoch e >= 1 uses i = e - 1
     assert quarter_cosine(0, 20, off_by_one=True) == quarter_cosine(1, 20, off_by_one=True) == 1.0
@@ -380,7 +380,7 @@ def test_checkpoint_restores_trainable_state_through_validate(coda_run, tmp_path
     assert fresh.opened_task == 1 and fresh.current_task == 1
     assert fresh.classifier.prompt.task == 1
     assert len(fresh.task_snapshots) == NUM_TASKS
-    for loaded, trained in zip(fresh.task_snapshots, coda_run.model.task_snapshots):
+    for loaded, trained in zip(fresh.task_snapshots, coda_run.model.task_snapshots, strict=True):
         assert states_equal(loaded, trained)
     # the reloaded model evaluates exactly as the trained one did after its last task
     torch.testing.assert_close(evaluation.matrix[1], coda_run.evaluation.matrix[1], rtol=0, atol=0)

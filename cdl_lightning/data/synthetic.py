@@ -8,16 +8,18 @@ from cdl_lightning.data.source import ArraySource, Split
 
 __all__ = ["SyntheticShapes", "SHAPE_NAMES"]
 
-#: Shape of class ``c`` is ``SHAPE_NAMES[c % 8]``; its colour family (hue) is ``c // 8``.
+#: Shape of class ``c`` is ``SHAPE_NAMES[c % 8]``; its hue is ``frac(0.618 c)``: consecutive classes get distant hues.
 SHAPE_NAMES = ("disk", "square", "ring", "plus", "triangle", "bars", "cross", "frame")
 
 
 class SyntheticShapes(ArraySource):
     """Coloured shapes on noisy backgrounds: a small, learnable, deterministic stand-in for a real data set.
 
-    Class ``c`` is the pair (shape ``c % 8``, hue family ``c // 8``), e.g. with 20 classes: 8 shapes in 3 hue families.
+    Class ``c`` is the pair (shape ``c % 8``, hue ``frac(0.618 c)``: the golden-ratio sequence, so consecutive
+    classes have distant hues): every class has its own colour, so even a frozen random-init ViT (whose features
+    keep colour statistics) separates the classes of a task.
     Every image draws its own position, size, rotation, hue jitter, saturation, brightness, background colour and
-    gradient, and pixel noise, so the class is carried by the shape and the colour family only. A small random-init ViT
+    gradient, and pixel noise, so the class is carried by the shape and the colour only. A small random-init ViT
     (or a linear probe on pixels) learns it well above chance within a few epochs.
 
     The train and test splits come from independent child seeds of ``seed``, so changing ``test_per_class`` does not
@@ -51,7 +53,7 @@ class SyntheticShapes(ArraySource):
         self.image_size = image_size
         self.seed = seed
         self.noise = noise
-        self.num_hues = -(-num_classes // len(SHAPE_NAMES))
+        self.num_hues = num_classes
         self.class_names = [f"{SHAPE_NAMES[c % len(SHAPE_NAMES)]}_{c // len(SHAPE_NAMES)}" for c in range(num_classes)]
 
     def labels(self, split: Split) -> np.ndarray:
@@ -67,7 +69,7 @@ class SyntheticShapes(ArraySource):
         """Draw one uint8 ``N x 3 x S x S`` image per label with the random generator ``rng``."""
         n, s = len(labels), self.image_size
         shape = labels % len(SHAPE_NAMES)
-        hue_family = labels // len(SHAPE_NAMES)
+        hue_family = labels
 
         def draw(low: float, high: float) -> np.ndarray:
             return rng.uniform(low, high, size=(n, 1, 1)).astype(np.float32)
@@ -96,7 +98,7 @@ class SyntheticShapes(ArraySource):
         mask = masks[shape, np.arange(n)][:, None].astype(np.float32)  # N x 1 x S x S
 
         # Foreground colour: hue family + jitter, saturation and value drawn per image.
-        hue = (hue_family[:, None, None] + 0.15 * draw(-0.5, 0.5)) / max(self.num_hues, 1) + 0.05
+        hue = (hue_family[:, None, None] * 0.6180339887 + 0.03 * draw(-0.5, 0.5)) + 0.05  # golden-ratio hues
         fg = _hsv_to_rgb(hue % 1.0, draw(0.65, 1.0), draw(0.75, 1.0))  # N x 3 x 1 x 1
         # Background: dark, weakly coloured, with a random linear gradient.
         bg = draw(0.05, 0.35)[:, None] + 0.08 * rng.standard_normal((n, 3, 1, 1)).astype(np.float32)

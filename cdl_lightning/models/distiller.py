@@ -58,7 +58,7 @@ class TeacherRun:
                              f"{list(self.class_order)[:5]} vs {list(class_order)[:5]}): use the same class_order and "
                              "seed for both runs")
         if len(self.snapshots) < len(task_sizes):
-            raise ValueError(f"teacher {self.path} holds snapshots of {len(self.snapshots)} of {len(task_sizes)} tasks: "
+            raise ValueError(f"teacher {self.path} has snapshots of {len(self.snapshots)} of {len(task_sizes)} tasks: "
                              "let the teacher run finish (or resume it) before distilling")
 
     def build(self, query_encoder: PromptedViT | None) -> PromptedClassifier:

@@ -253,6 +253,11 @@ class BackboneConfig:
         return self.name, self.pretrained, self.checkpoint_path, kwargs, self.input_norm, seed
 
 
+# checkpoints store the backbone identity in their hyper-parameters: let `torch.load(weights_only=True)` (Lightning's
+# default when resuming) accept it
+torch.serialization.add_safe_globals([BackboneConfig])
+
+
 def as_backbone_config(value: BackboneConfig | dict[str, Any] | None) -> BackboneConfig | None:
     """Accept a `BackboneConfig` or its fields as a dict (as configs and checkpoint hyper-parameters store it)."""
     if value is None or isinstance(value, BackboneConfig):

@@ -72,7 +72,7 @@ class PromptPool(nn.Module):
 
     @staticmethod
     def split_prefix(prompt: Tensor) -> Prefix:
-        """Split a prompt ``B x L x D`` (or ``B x k x L x D``) into ``L/2`` key rows and ``L/2`` value rows per entry."""
+        """Split a prompt ``B x L x D`` (or ``B x k x L x D``) into ``L/2`` key and ``L/2`` value rows per entry."""
         half = prompt.shape[-2] // 2
         batch, dim = prompt.shape[0], prompt.shape[-1]
         keys = prompt[..., :half, :].reshape(batch, -1, dim)
