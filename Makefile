@@ -15,7 +15,7 @@ demo: install
 	cdl compare runs/demo/teacher runs/demo/student_kdp runs/demo/student_none --names teacher "KDP student" "plain student"
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest
 
 lint:
 	ruff check cdl_lightning tests benchmarks
