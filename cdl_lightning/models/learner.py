@@ -81,7 +81,7 @@ class PromptLearner(LightningModule):
             raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
         backbone = as_backbone_config(backbone) or BackboneConfig()
         query_backbone = as_backbone_config(query_backbone)
-        self.save_hyperparameters(ignore=["prompt"])
+        self.save_hyperparameters(ignore=["prompt", "method"])
         self.backbone_config, self.query_config = backbone, query_backbone
         self.task_sizes = list(task_sizes)
         self.offsets = [0]
