@@ -1,4 +1,4 @@
-"""A run stopped mid-task and resumed with ``--ckpt_path`` ends with the same accuracy matrix as an uninterrupted run."""
+"""A run stopped mid-task and resumed with ``--ckpt_path`` ends with the accuracy matrix of an uninterrupted run."""
 
 from __future__ import annotations
 
