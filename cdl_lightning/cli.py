@@ -32,7 +32,10 @@ class CDLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ContinualEvaluation, "evaluation")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_epochs": 1})
+        # last.ckpt links to the newest checkpoint instead of writing the same state twice, and is always that name
+        # (no last-v1.ckpt after a resume or a re-run): distiller configs point at .../checkpoints/last.ckpt
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_epochs": 1,
+                             "checkpoint.enable_version_counter": False})
         parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_product)
         parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch")
         parser.link_arguments("data.epochs_per_task", "model.init_args.epochs_per_task")

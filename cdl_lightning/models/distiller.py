@@ -102,8 +102,7 @@ class Distiller(PromptLearner):
         teacher_prompt_mode: Literal["eval", "train"] = "eval",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["prompt", "method"])
+        super().__init__(**kwargs)  # its save_hyperparameters() also records this class's arguments
         method = method if method is not None else DistillationMethod()
         self.teacher_prompt_mode = teacher_prompt_mode
         self.teacher_run: TeacherRun | None = None
@@ -171,8 +170,6 @@ class Distiller(PromptLearner):
     def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
         if self.teacher is None:
             return None
-        if self.teacher_task != task:
-            self.load_teacher_task(task)
         with torch.no_grad():
             return self.teacher(
                 images,

@@ -20,9 +20,6 @@ from cdl_lightning.nn.vit import BackboneConfig, as_backbone_config
 PromptFactory = Callable[[int, int, int], PromptPool]
 """Builds a prompt pool from ``(embed_dim, key_dim, num_tasks)``; in YAML a ``class_path`` with ``init_args``."""
 
-FROZEN_PREFIXES = ("classifier.backbone.", "classifier.query_encoder.")
-
-
 def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = False) -> float:
     """The CODA-Prompt reference schedule factor ``cos(99 pi i / (200 (K - 1)))`` (a quarter cosine from 1 down to
     ~0.016, not ``(1 + cos) / 2``), with ``i`` the epoch within the task; ``off_by_one`` reproduces the reference,
@@ -98,6 +95,7 @@ class PromptLearner(LightningModule):
         self.classifier = PromptedClassifier(vit, self.num_classes, pool, query_vit)
         self.method = DistillationMethod()
         self.opened_task = -1
+        self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
         self.strict_loading = False  # checkpoints omit the frozen backbone
 
@@ -121,7 +119,9 @@ class PromptLearner(LightningModule):
     def snapshot_task(self, task: int) -> None:
         """Record the trainable state after ``task`` (idempotent; earlier missing tasks are filled first)."""
         while len(self.task_snapshots) <= task:
-            self.task_snapshots.append({k: v.cpu() for k, v in self.trainable_state().items()})
+            self.task_snapshots.append(
+                {name: p.detach().to("cpu", copy=True) for name, p in self.named_parameters() if p.requires_grad}
+            )
 
     def open_task(self, task: int) -> None:
         """Start ``task``: snapshot the finished ones, let the prompt pool open it, reset the optimizer state."""
@@ -167,14 +167,19 @@ class PromptLearner(LightningModule):
         task = self.current_task if task is None else task
         return self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]]
 
+    def _check_labels(self, targets: Tensor, task: int, start: int, stop: int) -> None:
+        if targets.numel() and (targets.min() < start or targets.max() >= stop):
+            raise RuntimeError(f"batch labels {targets.min().item()}..{targets.max().item()} are outside task {task}'s "
+                               f"range [{start}, {stop}): the data module and the model disagree on the task split")
+        self._labels_checked_task = task
+
     @override
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets, _ = batch
         task = self.current_task
         start, stop = self.task_range(task)
-        if targets.numel() and (targets.min() < start or targets.max() >= stop):
-            raise RuntimeError(f"batch labels {targets.min().item()}..{targets.max().item()} are outside task {task}'s "
-                               f"range [{start}, {stop}): the data module and the model disagree on the task split")
+        if task != self._labels_checked_task:  # once per task: the check syncs with the device
+            self._check_labels(targets, task, start, stop)
         query = self.classifier.query(images) if self.classifier.prompt is not None else None
         teacher = self.teacher_forward(images, task, query)
         student = self.student_forward(images, task, train=True, query=query)
@@ -223,7 +228,8 @@ class PromptLearner(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        frozen = tuple(f"classifier.{name}." for name in self.classifier.frozen_module_names())
+        for key in [k for k in state if k.startswith(frozen)]:
             del state[key]
         checkpoint["cdl"] = {
             "opened_task": self.opened_task,
@@ -246,7 +252,8 @@ class PromptLearner(LightningModule):
         if self.opened_task >= 0 and self.classifier.prompt is not None:
             # restore the pool's notion of the open task without re-drawing (the weights come from the checkpoint)
             self.classifier.prompt.task = self.opened_task
-        missing = [k for k in self.trainable_state() if k not in checkpoint["state_dict"]]
+        state = checkpoint["state_dict"]
+        missing = [name for name, p in self.named_parameters() if p.requires_grad and name not in state]
         if missing:
             raise ValueError(f"checkpoint lacks trainable parameters {missing[:5]}: was it written by another model "
                              "configuration?")

@@ -60,14 +60,22 @@ class PromptedClassifier(nn.Module):
             frozen.requires_grad_(False)
             frozen.eval()
 
+    def frozen_module_names(self) -> list[str]:
+        """The child modules that never train (the one place that decides what is frozen)."""
+        return [name for name in ("backbone", "query_encoder") if getattr(self, name) is not None]
+
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.backbone, self.query_encoder) if m is not None]
+        return [getattr(self, name) for name in self.frozen_module_names()]
 
     def train(self, mode: bool = True) -> PromptedClassifier:
         super().train(mode)
         for frozen in self.frozen_modules():
             frozen.eval()
         return self
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Detached copies of the parameters that train (prompt pool and head)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     @property
     def query_dim(self) -> int:
@@ -77,10 +85,6 @@ class PromptedClassifier(nn.Module):
     def query(self, images: Tensor) -> Tensor:
         """The prompt query (one frozen pass without prompts)."""
         return (self.query_encoder or self.backbone).query(images)
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        """Detached copies of the parameters that train (the per-task snapshot)."""
-        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
 
     def forward(
         self,

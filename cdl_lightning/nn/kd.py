@@ -124,7 +124,25 @@ class DKD(DistillationMethod):
         return (1 - self.alpha) * ce + self.alpha * dkd
 
 
-class FitNets(LogitKD):
+class _FeatureKD(LogitKD):
+    """Logit KD plus ``feature_weight`` times a feature term computed from the blocks of both models."""
+
+    needs_student_blocks = True
+    needs_teacher_blocks = True
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 2.0, feature_weight: float = 0.1) -> None:
+        super().__init__(alpha, temperature)
+        self.feature_weight = feature_weight
+
+    def feature_loss(self, student: ClassifierOutput, teacher: ClassifierOutput) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, student, teacher, targets, start, stop):
+        kd = super().loss(student, teacher, targets, start, stop)
+        return kd + self.feature_weight * self.feature_loss(student, teacher)
+
+
+class FitNets(_FeatureKD):
     """FitNets (Romero et al., ICLR 2015) on top of logit KD: ``KD + w * MSE(Linear_{Ds->Dt}(s_L), t_L)`` with
     ``s_L``/``t_L`` the last block's tokens (all of them, before the final norm).
 
@@ -134,20 +152,15 @@ class FitNets(LogitKD):
         feature_weight: weight of the feature term (reference 0.1).
     """
 
-    needs_student_blocks = True
-    needs_teacher_blocks = True
-
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, feature_weight: float = 0.1) -> None:
-        super().__init__(alpha, temperature)
-        self.feature_weight = feature_weight
+        super().__init__(alpha, temperature, feature_weight)
         self.adapter: nn.Linear | None = None
 
     def bind(self, student, teacher):
         self.adapter = nn.Linear(student.embed_dim, teacher.embed_dim)
 
-    def loss(self, student, teacher, targets, start, stop):
-        features = feature_mse(self.adapter(student.blocks[-1]), teacher.blocks[-1])
-        return super().loss(student, teacher, targets, start, stop) + self.feature_weight * features
+    def feature_loss(self, student, teacher):
+        return feature_mse(self.adapter(student.blocks[-1]), teacher.blocks[-1])
 
 
 class ABF(nn.Module):
@@ -173,7 +186,7 @@ class ABF(nn.Module):
         return self.out(x), x
 
 
-class ReviewKD(LogitKD):
+class ReviewKD(_FeatureKD):
     """Knowledge Review (Chen et al., CVPR 2021) on top of logit KD: ``KD + w * mean_l MSE(f_l, t_l)``.
 
     The student's ``Ls`` block outputs are fused from the last to the first by ABF units; ``f_l`` is unit ``l``'s
@@ -186,12 +199,8 @@ class ReviewKD(LogitKD):
         feature_weight: weight of the review term (reference 0.2).
     """
 
-    needs_student_blocks = True
-    needs_teacher_blocks = True
-
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, feature_weight: float = 0.2) -> None:
-        super().__init__(alpha, temperature)
-        self.feature_weight = feature_weight
+        super().__init__(alpha, temperature, feature_weight)
         self.units: nn.ModuleList | None = None
 
     def bind(self, student, teacher):
@@ -210,11 +219,10 @@ class ReviewKD(LogitKD):
             outputs[i], residual = self.units[i](student_blocks[i], residual)
         return outputs
 
-    def loss(self, student, teacher, targets, start, stop):
+    def feature_loss(self, student, teacher):
         fused = self.review(student.blocks)
         teacher_blocks = teacher.blocks[-len(fused):]
-        review = torch.stack([feature_mse(f, t) for f, t in zip(fused, teacher_blocks)]).mean()
-        return super().loss(student, teacher, targets, start, stop) + self.feature_weight * review
+        return torch.stack([feature_mse(f, t) for f, t in zip(fused, teacher_blocks)]).mean()
 
 
 class _ExtraTokenMethod(LogitKD):

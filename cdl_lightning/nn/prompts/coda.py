@@ -91,7 +91,7 @@ class CodaPrompt(PromptPool):
         self.keys = nn.Parameter(torch.zeros(n, pool_size, key_dim))
         self.attention = nn.Parameter(torch.zeros(n, pool_size, key_dim))
         self.components = nn.Parameter(torch.zeros(n, pool_size, length, embed_dim))
-        self.task = 0
+        self.task = 0  # the last opened task (for inspection; forward takes the task explicitly)
         self._draw(0)
 
     @property
@@ -116,25 +116,26 @@ class CodaPrompt(PromptPool):
             self._draw(task)
         self.task = task
 
+    def in_use(self, weight: Tensor, layer_index: int, task: int, train: bool) -> Tensor:
+        """Rows ``[0, c (t+1))`` of a layer's ``weight``; in training the past tasks' rows ``[0, c t)`` are detached."""
+        start, stop = self.task_slice(task)
+        rows = weight[layer_index, :stop]
+        return torch.cat([rows[:start].detach(), rows[start:]]) if train and start > 0 else rows
+
     def weights(self, query: Tensor, layer_index: int, task: int, train: bool) -> Tensor:
         """``alpha = cos(q * A_k, K_k)`` for the components in use: ``B x n_used``."""
-        start, stop = self.task_slice(task)
-        keys, attention = self.keys[layer_index, :stop], self.attention[layer_index, :stop]
-        if train:
-            keys = torch.cat([keys[:start].detach(), keys[start:]])
-            attention = torch.cat([attention[:start].detach(), attention[start:]])
+        keys = self.in_use(self.keys, layer_index, task, train)
+        attention = self.in_use(self.attention, layer_index, task, train)
         attended = F.normalize(query.float()[:, None, :] * attention.float()[None], dim=-1)  # B x n x d
         return torch.einsum("bnd,nd->bn", attended, F.normalize(keys.float(), dim=-1))
 
     def forward(self, query: Tensor, task: int, train: bool) -> PromptOutput:
-        start, stop = self.task_slice(task)
+        stop = self.task_slice(task)[1]
         prefixes = {}
         loss = query.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self._layers):
             alpha = self.weights(query, i, task, train)
-            components = self.components[i, :stop]
-            if train:
-                components = torch.cat([components[:start].detach(), components[start:]])
+            components = self.in_use(self.components, i, task, train)
             prompt = torch.einsum("bn,nld->bld", alpha.to(components.dtype), components)
             prefixes[layer] = self.split_prefix(prompt)
             if train and self.ortho_weight > 0:
