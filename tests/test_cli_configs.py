@@ -27,12 +27,25 @@ METHODS = sorted(CONFIGS.glob("methods/*.yaml"))
 def tiny_override(tmp_path: Path, query_backbone: bool = False) -> str:
     """An override applied last: tiny backbone, synthetic data, CPU, two batches per epoch."""
     override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "limit_train_batches": 2,
-                    "limit_val_batches": 2, "enable_progress_bar": False, "enable_model_summary": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "limit_train_batches": 2,
+            "limit_val_batches": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "data": {
-            "source": {"class_path": "cdl_lightning.data.SyntheticShapes",
-                       "init_args": {"num_classes": 8, "train_per_class": 8, "test_per_class": 4}},
-            "num_tasks": 2, "epochs_per_task": 1, "batch_size": 8, "image_size": 32, "num_workers": 0,
+            "source": {
+                "class_path": "cdl_lightning.data.SyntheticShapes",
+                "init_args": {"num_classes": 8, "train_per_class": 8, "test_per_class": 4},
+            },
+            "num_tasks": 2,
+            "epochs_per_task": 1,
+            "batch_size": 8,
+            "image_size": 32,
+            "num_workers": 0,
         },
         "model": {"init_args": {"backbone": TINY_VIT, **({"query_backbone": TINY_VIT} if query_backbone else {})}},
         "evaluation": {"print_table": False, "log_image": False},
@@ -102,8 +115,21 @@ def test_reference_overlays_run(pair, tmp_path, monkeypatch):
     reference = CONFIGS / "reference" / f"{pair}.yaml"
     student = CONFIGS / "cifar100" / "coda" / f"{pair}.yaml"
     run_fit([teacher_for(student), reference, tiny], tmp_path)
-    cli = cli_main(expand_config_args(["fit", "--config", str(student), "--config", str(CONFIGS / "methods/kdp.yaml"),
-                                       "--config", str(reference), "--config", tiny]))
+    cli = cli_main(
+        expand_config_args(
+            [
+                "fit",
+                "--config",
+                str(student),
+                "--config",
+                str(CONFIGS / "methods/kdp.yaml"),
+                "--config",
+                str(reference),
+                "--config",
+                tiny,
+            ]
+        )
+    )
     model = cli.model
     assert model.hparams.reference_lr_off_by_one and model.backbone_config.input_norm == "none"
     assert model.share_query

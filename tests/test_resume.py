@@ -9,37 +9,64 @@ import torch
 
 from cdl_lightning.cli import cli_main
 
-TINY = {"name": "vit_tiny_patch16_224", "pretrained": False,
-        "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}}
+TINY = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
+}
 
 
 def args_for(save_dir: Path, *extra: str) -> list[str]:
     return [
         "fit",
-        "--seed_everything", "0",
-        "--trainer.accelerator", "cpu",
-        "--trainer.limit_train_batches", "4",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.save_dir", str(save_dir),
-        "--trainer.logger.name", "run",
-        "--trainer.logger.version", "",
-        "--data.source", "cdl_lightning.data.SyntheticShapes",
-        "--data.source.num_classes", "6",
-        "--data.source.train_per_class", "12",
-        "--data.source.test_per_class", "5",
-        "--data.num_tasks", "3",
-        "--data.epochs_per_task", "2",
-        "--data.batch_size", "6",
-        "--data.image_size", "32",
-        "--model", "cdl_lightning.models.PromptLearner",
-        "--model.backbone", json.dumps(TINY),
-        "--model.prompt", "cdl_lightning.nn.prompts.CodaPrompt",
-        "--model.prompt.pool_size", "12",
-        "--model.prompt.layers", "[0, 1]",
-        "--evaluation.print_table", "false",
-        "--evaluation.log_image", "false",
+        "--seed_everything",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        str(save_dir),
+        "--trainer.logger.name",
+        "run",
+        "--trainer.logger.version",
+        "",
+        "--data.source",
+        "cdl_lightning.data.SyntheticShapes",
+        "--data.source.num_classes",
+        "6",
+        "--data.source.train_per_class",
+        "12",
+        "--data.source.test_per_class",
+        "5",
+        "--data.num_tasks",
+        "3",
+        "--data.epochs_per_task",
+        "2",
+        "--data.batch_size",
+        "6",
+        "--data.image_size",
+        "32",
+        "--model",
+        "cdl_lightning.models.PromptLearner",
+        "--model.backbone",
+        json.dumps(TINY),
+        "--model.prompt",
+        "cdl_lightning.nn.prompts.CodaPrompt",
+        "--model.prompt.pool_size",
+        "12",
+        "--model.prompt.layers",
+        "[0, 1]",
+        "--evaluation.print_table",
+        "false",
+        "--evaluation.log_image",
+        "false",
         *extra,
     ]
 
@@ -54,8 +81,17 @@ def test_resume_mid_task_gives_the_same_matrix(tmp_path):
     # stop in the middle of task 1 (4 steps per epoch, 2 epochs per task: task 1 runs steps 8-15), a step checkpoint
     # every step (never one on an epoch's last batch here: step 10 is the second batch of epoch 2)
     part = tmp_path / "part"
-    cli_main(args_for(part, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "1",
-                      "--checkpoint.every_n_epochs", "0"))
+    cli_main(
+        args_for(
+            part,
+            "--trainer.max_steps",
+            "10",
+            "--checkpoint.every_n_train_steps",
+            "1",
+            "--checkpoint.every_n_epochs",
+            "0",
+        )
+    )
     checkpoint = part / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, weights_only=False)
     assert state["global_step"] == 10 and state["cdl"]["opened_task"] == 1

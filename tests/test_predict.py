@@ -1,0 +1,99 @@
+"""The deployment path: a trained student serves predictions for a folder of images through ``cdl predict``."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+from PIL import Image
+
+from cdl_lightning.cli import cli_main
+
+TINY = {
+    "name": "vit_tiny_patch16_224",
+    "pretrained": False,
+    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
+}
+
+
+def common(save_dir) -> list[str]:
+    return [
+        "--seed_everything",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir",
+        str(save_dir),
+        "--trainer.logger.name",
+        "student",
+        "--trainer.logger.version",
+        "",
+        "--data.source",
+        "cdl_lightning.data.SyntheticShapes",
+        "--data.source.num_classes",
+        "6",
+        "--data.source.train_per_class",
+        "8",
+        "--data.source.test_per_class",
+        "4",
+        "--data.num_tasks",
+        "2",
+        "--data.batch_size",
+        "4",
+        "--data.image_size",
+        "32",
+        "--model",
+        "cdl_lightning.models.Distiller",
+        "--model.backbone",
+        json.dumps(TINY),
+        "--model.prompt",
+        "cdl_lightning.nn.prompts.L2P",
+        "--model.prompt.pool_size",
+        "6",
+        "--model.prompt.top_k",
+        "2",
+        "--evaluation.print_table",
+        "false",
+    ]
+
+
+def test_cdl_predict_writes_a_class_per_file(tmp_path):
+    cli_main(["fit", *common(tmp_path / "runs")])
+    checkpoint = tmp_path / "runs" / "student" / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "images" / "nested"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["a.png", "b.jpg", "c.png", "d.png", "e.jpeg"]
+    for i, name in enumerate(names):
+        size = 24 + 8 * i  # any size: resized / centre-cropped to the model's input
+        Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    cli_main(
+        [
+            "predict",
+            *common(tmp_path / "runs"),
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.predict_root",
+            str(tmp_path / "images"),
+            "--data.eval_batch_size",
+            "2",
+        ]
+    )
+    # the default PredictionWriter writes into the run folder (the logger's log_dir)
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "student" / "predictions.csv")))
+    assert sorted(r["file"].split("/")[-1] for r in rows) == sorted(names)
+    class_names = [
+        f"{shape}_{c // 8}" for c, shape in enumerate(["disk", "square", "ring", "plus", "triangle", "bars"])
+    ]
+    for row in rows:
+        index = int(row["class_index"])
+        assert 0 <= index < 6 and row["class_name"] == class_names[index]
+        assert 1 / 6 <= float(row["score"]) <= 1.0
