@@ -179,6 +179,11 @@ class Distiller(PromptLearner):
                 return_blocks=self.method.needs_teacher_blocks,
             )
 
+    @override
+    def compiled_vits(self) -> list[PromptedViT]:
+        teacher = self.teacher.frozen_modules() if self.teacher is not None else []
+        return super().compiled_vits() + teacher
+
     def teacher_parameters(self) -> list[nn.Parameter]:
         """The frozen teacher's parameters (for inspection and tests)."""
         return [] if self.teacher is None else list(self.teacher.parameters())
