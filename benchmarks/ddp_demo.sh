@@ -12,6 +12,8 @@ mkdir -p "$work" && cd "$work"
 cdl() { python -m cdl_lightning.cli "$@"; }
 gpu=(--trainer.accelerator gpu --evaluation.print_table false)
 
+cdl pretrain --out runs/demo/backbones/teacher.pth --classes 20 40 --epochs 4 \
+    --model-kwargs '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}'
 cdl fit --config "$repo/configs/demo.yaml" "${gpu[@]}" --trainer.devices 1 --trainer.logger.init_args.save_dir one
 ckpt=one/teacher/checkpoints/last.ckpt
 cdl validate --config "$repo/configs/demo.yaml" "${gpu[@]}" --trainer.devices 1 --ckpt_path "$ckpt" \

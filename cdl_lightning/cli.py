@@ -113,12 +113,13 @@ def expand_config_args(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE`` or ``cdl compare RUN_DIR...``."""
+    """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE``, ``cdl compare RUN_DIR...`` or
+    ``cdl pretrain --out FILE ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "compare":
-        from cdl_lightning.compare import main as compare_main
+    if argv and argv[0] in ("compare", "pretrain"):
+        import importlib
 
-        compare_main(argv[1:])
+        importlib.import_module(f"cdl_lightning.{argv[0]}").main(argv[1:])
         return
     cli_main(expand_config_args(argv))
 

@@ -28,7 +28,7 @@ def _fmt(value: Any) -> str:
 
 def compare(run_dirs: list[str], names: list[str] | None = None, console: Console | None = None) -> list[dict]:
     """Print each run's accuracy matrix and a summary table of final average accuracy / forgetting."""
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 100))  # tables stay whole in logs and pipes
     names = names or [Path(d).name or d for d in run_dirs]
     results = [load_metrics(d) for d in run_dirs]
     for name, result in zip(names, results):
