@@ -184,8 +184,8 @@ def create_vit(
     Args:
         name: timm model name; name the pretrained tag explicitly, e.g. ``vit_base_patch16_224.augreg_in21k_ft_in1k``.
         pretrained: download timm's pretrained weights (fails offline with `OfflineWeightsError`).
-        checkpoint_path: a local weights file (``.pth``, ``.bin``, ``.safetensors`` or ``.npz``) loaded through timm's
-            pretrained-loading path (so pos-embed resizing and key filtering apply); takes precedence over download.
+        checkpoint_path: a local weights file (``.pth``, ``.bin``, ``.safetensors`` or ``.npz``) loaded by
+            `load_local_weights` (timm's ViT key filter and pos-embed resizing apply); takes precedence over download.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``, ``embed_dim``, ``depth`` for tiny test
             models).
 
@@ -201,7 +201,9 @@ def create_vit(
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint_path {str(path)!r} does not exist; point it at a timm/HF "
                                     f"weights file (.pth, .bin, .safetensors or .npz) for {name!r}")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_local_weights(model, path)
+        return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     try:
@@ -213,6 +215,26 @@ def create_vit(
             "`checkpoint_path: /path/to/model.safetensors` for this backbone, or set `pretrained: false` to train "
             "from random weights."
         ) from err
+
+
+def load_local_weights(model: VisionTransformer, path: Path) -> None:
+    """Load a local weights file into a timm ViT: ``.npz`` (big_vision/JAX) through ``model.load_pretrained``, else a
+    PyTorch or safetensors state dict adapted by timm's ViT ``checkpoint_filter_fn`` (position-embedding resizing,
+    key renames). Classifier weights are ignored; any other missing or unexpected key is an error."""
+    if path.suffix == ".npz":
+        model.load_pretrained(str(path))
+        return
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(load_state_dict(str(path)), model)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"weights file {str(path)!r} does not fit {type(model).__name__} "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}): is it for this timm model name and "
+                         "model_kwargs?")
 
 
 @dataclass
