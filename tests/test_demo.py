@@ -3,6 +3,7 @@ the real CLI with the demo configs, and compare them side by side."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,6 +33,15 @@ def test_demo_pipeline(tmp_path, monkeypatch):
     text = console.export_text()
     assert "KDP student" in text and "final average accuracy" in text
     assert all(len(r["accuracy_matrix"]) == 5 and r["filled_rows"] == [0, 1, 2, 3, 4] for r in results)
+    # `cdl validate --ckpt_path` rebuilds each model (prompt pool, KD prompts) from its checkpoint and reproduces the
+    # last row of the fit's accuracy matrix exactly
+    for config, run, result in zip(("demo.yaml", "demo/student_kdp.yaml", "demo/student_none.yaml"), runs, results):
+        out = tmp_path / f"validate_{run.name}"
+        main(expand_config_args(["validate", "--config", str(CONFIGS / config)]) + SHORT[:2] + [
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.logger", "false",
+            "--evaluation.output_dir", str(out), "--evaluation.print_table", "false"])
+        validated = json.loads((out / "metrics.json").read_text())
+        assert validated["accuracy_matrix"][4] == result["accuracy_matrix"][4], run.name
     # the students' backbone is the pretrained file, not a random initialisation
     student = torch.load(runs[1] / "checkpoints" / "last.ckpt", weights_only=True)
     assert student["hyper_parameters"]["backbone"]["checkpoint_path"] == "runs/demo/backbones/student.pth"

@@ -24,7 +24,12 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # What each notebook's ``final`` cells must print: a row label followed by the final average accuracy (%).
 FINAL_ACCURACY = {
     "01_quickstart.ipynb": [r"teacher\s+([\d.]+)", r"KDP student\s+([\d.]+)", r"plain student\s+([\d.]+)"],
-    "02_custom_method.ipynb": [r"\nKDP\s+([\d.]+)", r"MSE-KDP\s+([\d.]+)", r"annealed KDP\s+([\d.]+)", r"plain\s+([\d.]+)"],
+    "02_custom_method.ipynb": [
+        r"\nKDP\s+([\d.]+)",
+        r"MSE-KDP\s+([\d.]+)",
+        r"annealed KDP\s+([\d.]+)",
+        r"plain\s+([\d.]+)",
+    ],
     "03_callbacks_in_your_project.ipynb": [r"fine-tuning\s+([\d.]+)", r"replay \(10 / class\)\s+([\d.]+)"],
 }
 

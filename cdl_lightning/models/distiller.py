@@ -127,6 +127,7 @@ class Distiller(PromptLearner):
             teacher_shape = ModelShape(teacher.backbone.embed_dim, teacher.backbone.depth, self.num_classes)
         method.bind(ModelShape(student_vit.embed_dim, student_vit.depth, self.num_classes), teacher_shape)
         self.method = method
+        self.hparams["method"] = method.spec()  # named, not pickled (see PromptLearner's prompt)
         self.teacher_task = 0
 
     @override

@@ -96,6 +96,9 @@ class PromptLearner(LightningModule):
         key_dim = (query_vit or vit).embed_dim
         pool = prompt(vit.embed_dim, key_dim, self.num_tasks) if prompt is not None else None
         self.prompt_spec = pool.spec() if pool is not None else None
+        # the factory itself may not be serialisable (a partial, a lambda): checkpoints name it as in a config, so
+        # `cdl validate|test|predict --ckpt_path` (which re-reads these hyper-parameters) rebuilds the same pool
+        self.hparams["prompt"] = pool.spec(exclude=("embed_dim", "key_dim", "num_tasks")) if pool is not None else None
         self.classifier = PromptedClassifier(vit, self.num_classes, pool, query_vit)
         self.method = DistillationMethod()
         self.opened_task = -1
@@ -270,7 +273,8 @@ class PromptLearner(LightningModule):
             # restore the pool's notion of the open task without re-drawing (the weights come from the checkpoint)
             self.classifier.prompt.task = self.opened_task
         state = checkpoint["state_dict"]
-        missing = [name for name, p in self.named_parameters() if p.requires_grad and name not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks trainable parameters {missing[:5]}: was it written by another model "
-                             "configuration?")
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - set(self.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
+                             "it was written by another configuration (prompt pool, distillation method, head size)")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cdl_lightning.nn.classifier import ClassifierOutput
 from cdl_lightning.nn.losses import dkd_loss, feature_mse, kd_loss, mask_past_classes
+from cdl_lightning.nn.spec import RecordsInitArgs
 from cdl_lightning.nn.vit import Prefix
 
 
@@ -37,7 +38,7 @@ class ModelShape:
     num_classes: int
 
 
-class DistillationMethod(nn.Module):
+class DistillationMethod(RecordsInitArgs, nn.Module):
     """Base class: plain cross-entropy on the student's class-token head, no teacher (the ``none`` baseline).
 
     Args:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cdl_lightning.nn.spec import RecordsInitArgs, build_from_spec
 from cdl_lightning.nn.vit import Prefix
 
 
@@ -27,7 +27,7 @@ class PromptOutput:
     selected: Tensor | None = None
 
 
-class PromptPool(nn.Module):
+class PromptPool(RecordsInitArgs, nn.Module):
     """Base class of prompt learners. All parameters exist from construction; a task only changes which slices are
     used or trained, never the parameter set (this keeps DDP, checkpoints and resume simple).
 
@@ -39,24 +39,11 @@ class PromptPool(nn.Module):
         num_tasks: number of tasks in the sequence.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> PromptPool:
-        # record the constructor arguments so a checkpoint can rebuild the pool (see `spec`)
-        obj = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
-        obj._init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
-        return obj
-
     def __init__(self, embed_dim: int, key_dim: int, num_tasks: int) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.key_dim = key_dim
         self.num_tasks = num_tasks
-
-    def spec(self) -> dict[str, Any]:
-        """``{"class_path", "init_args"}`` that rebuild this pool with `build_prompt_pool`."""
-        cls = type(self)
-        args = {k: list(v) if isinstance(v, tuple) else v for k, v in self._init_args.items()}
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -92,10 +79,4 @@ def zero_loss(reference: Tensor) -> Tensor:
 
 def build_prompt_pool(spec: dict[str, Any]) -> PromptPool:
     """Rebuild a prompt pool from `PromptPool.spec` (e.g. the teacher's, read from its checkpoint)."""
-    import importlib
-
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, PromptPool)):
-        raise TypeError(f"{spec['class_path']} is not a PromptPool")
-    return cls(**spec["init_args"])
+    return build_from_spec(spec, PromptPool)
