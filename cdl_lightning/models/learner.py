@@ -276,5 +276,5 @@ class PromptLearner(LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - set(self.state_dict()))
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
+            raise ValueError(f"checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]}): "
                              "it was written by another configuration (prompt pool, distillation method, head size)")
