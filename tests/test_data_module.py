@@ -242,3 +242,16 @@ def test_fit_resumes_mid_epoch_exactly(tmp_path):
         assert resumed.seen == full.seen[step:]
         for a, b in zip(resumed.parameters(), full.parameters(), strict=True):
             assert torch.equal(a, b)
+
+
+def test_trainer_and_model_kwargs_state_the_data_facts_once():
+    from cdl_lightning.data import ContinualDataModule, SyntheticShapes
+
+    dm = ContinualDataModule(SyntheticShapes(num_classes=6, train_per_class=2, test_per_class=1), num_tasks=3,
+                             epochs_per_task=4, class_order="random", seed=1)
+    assert dm.trainer_kwargs() == {"max_epochs": 12, "check_val_every_n_epoch": 4,
+                                   "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0}
+    kwargs = dm.model_kwargs()
+    assert kwargs["task_sizes"] == [2, 2, 2] and kwargs["epochs_per_task"] == 4
+    assert sorted(kwargs["class_order"]) == list(range(6)) and kwargs["class_order"] == dm.class_order
+    assert kwargs["class_names"] == dm.class_names

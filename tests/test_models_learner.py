@@ -473,3 +473,21 @@ def test_validation_logits_cover_the_classes_seen_so_far(coda_run):
     assert model(images, 0).shape == (3, 4)
     assert model(images, 1).shape == (3, 8)
     assert model(images).shape == (3, 8)  # default: every task learned so far
+
+
+def test_method_start_task_hook_runs_when_a_task_opens():
+    from cdl_lightning.nn import DistillationMethod
+
+    class Recording(DistillationMethod):
+        def __init__(self) -> None:
+            super().__init__()
+            self.opened: list[int] = []
+
+        def start_task(self, task: int) -> None:
+            self.opened.append(task)
+
+    model = make_learner(make_data(), prompt=None)
+    model.method = Recording()
+    model.open_task(0)
+    model.open_task(1)
+    assert model.method.opened == [0, 1]

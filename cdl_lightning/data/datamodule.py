@@ -286,6 +286,25 @@ class ContinualDataModule(LightningDataModule):
                     f"{_short(value)}; resume with the same source, num_tasks, first_task_classes, class_order and seed"
                 )
 
+    # ------------------------------------------------------------------------------------------- facts for the others
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """``Trainer`` arguments the task loop needs (what the CLI links): ``Trainer(**dm.trainer_kwargs(), ...)``."""
+        return {
+            "max_epochs": self.num_tasks * self.epochs_per_task,
+            "check_val_every_n_epoch": self.epochs_per_task,
+            "reload_dataloaders_every_n_epochs": 1,
+            "num_sanity_val_steps": 0,
+        }
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The data facts a learner takes (what the CLI links): ``PromptLearner(**dm.model_kwargs(), ...)``."""
+        return {
+            "task_sizes": list(self.task_sizes),
+            "epochs_per_task": self.epochs_per_task,
+            "class_order": list(self.class_order),
+            "class_names": list(self.class_names),
+        }
+
     # ---------------------------------------------------------------------------------------------------- reporting
     def summary(self) -> str:
         """One line per task: classes and sample counts (reads labels, not images)."""

@@ -136,6 +136,7 @@ class PromptLearner(LightningModule):
             self.snapshot_task(task - 1)
         if self.classifier.prompt is not None:
             self.classifier.prompt.start_task(task)
+        self.method.start_task(task)
         if self._trainer is not None:
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()

@@ -62,6 +62,9 @@ class DistillationMethod(RecordsInitArgs, nn.Module):
     def bind(self, student: ModelShape, teacher: ModelShape | None) -> None:
         """Create the method's parameters for this student/teacher pair (default: none)."""
 
+    def start_task(self, task: int) -> None:
+        """Called when the student starts ``task`` (e.g. for a per-task temperature schedule); nothing by default."""
+
     def student_inputs(self) -> StudentInputs:
         """Prefixes and extra tokens for the student's forward pass."""
         return StudentInputs()
