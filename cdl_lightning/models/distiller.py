@@ -29,8 +29,8 @@ class TeacherRun:
             raise FileNotFoundError(f"teacher checkpoint {str(file)!r} does not exist: train the teacher first with "
                                     "`cdl fit --config <teacher config>` and point `teacher_checkpoint` at its "
                                     "checkpoints/last.ckpt")
-        # our own file format (hyper-parameters hold dataclasses), so the full unpickler is needed
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+        # safe loading: hyper-parameters hold plain values, config specs and `BackboneConfig` (a registered safe global)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
         if "cdl" not in checkpoint:
             raise ValueError(f"{file} is not a cdl-lightning PromptLearner checkpoint")
         self.path = str(file)
