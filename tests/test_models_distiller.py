@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from _model_helpers import EPOCHS_PER_TASK, NUM_TASKS, assert_full_matrix, make_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cdl_lightning.callbacks import ContinualEvaluation
@@ -31,8 +32,6 @@ from cdl_lightning.nn import (
     ReviewKD,
 )
 
-NUM_TASKS = 2
-EPOCHS_PER_TASK = 2
 CLASSES = 8  # 2 tasks x 4 classes
 TEACHER_KWARGS = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2)  # 4 patches + CLS = 5 tokens
 STUDENT_KWARGS = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)
@@ -72,27 +71,8 @@ def student_kwargs(data: ContinualDataModule, **kwargs: Any) -> dict[str, Any]:
     return args
 
 
-def make_trainer(root: Path, epochs_per_task: int = EPOCHS_PER_TASK, callbacks: list | None = None) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_epochs=NUM_TASKS * epochs_per_task,
-        check_val_every_n_epoch=epochs_per_task,
-        reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks or [],
-    )
 
 
-def assert_full_matrix(matrix: torch.Tensor) -> None:
-    lower = torch.tril(torch.ones(NUM_TASKS, NUM_TASKS, dtype=torch.bool))
-    assert matrix.shape == (NUM_TASKS, NUM_TASKS)
-    assert torch.isfinite(matrix[lower]).all(), matrix
-    assert ((matrix[lower] >= 0) & (matrix[lower] <= 100)).all(), matrix
-    assert torch.isnan(matrix[~lower]).all(), matrix
 
 
 def images_batch(n: int = 6, seed: int = 1) -> torch.Tensor:

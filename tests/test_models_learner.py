@@ -6,14 +6,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from _model_helpers import EPOCHS_PER_TASK, NUM_TASKS, assert_full_matrix, make_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import cdl_lightning.nn.kd as kd_module
@@ -22,8 +22,6 @@ from cdl_lightning.data import ContinualDataModule, SyntheticShapes
 from cdl_lightning.models import PromptLearner, quarter_cosine
 from cdl_lightning.nn import BackboneConfig, CodaPrompt
 
-NUM_TASKS = 2
-EPOCHS_PER_TASK = 2
 CLASSES = 8  # 2 tasks x 4 classes
 TEACHER_KWARGS = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2)  # 4 patches + CLS = 5 tokens
 STUDENT_KWARGS = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)
@@ -64,28 +62,8 @@ def make_learner(data: ContinualDataModule, seed: int = SEED, **kwargs: Any) -> 
     return PromptLearner(**args)
 
 
-def make_trainer(root: Path, epochs_per_task: int = EPOCHS_PER_TASK, callbacks: list | None = None) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_epochs=NUM_TASKS * epochs_per_task,
-        check_val_every_n_epoch=epochs_per_task,
-        reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=callbacks or [],
-    )
 
 
-def assert_full_matrix(matrix: torch.Tensor) -> None:
-    """Every seen-task entry ``R[t, j], j <= t`` is a percentage; the upper triangle is NaN."""
-    lower = torch.tril(torch.ones(NUM_TASKS, NUM_TASKS, dtype=torch.bool))
-    assert matrix.shape == (NUM_TASKS, NUM_TASKS)
-    assert torch.isfinite(matrix[lower]).all(), matrix
-    assert ((matrix[lower] >= 0) & (matrix[lower] <= 100)).all(), matrix
-    assert torch.isnan(matrix[~lower]).all(), matrix
 
 
 def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
