@@ -273,6 +273,8 @@ class PromptLearner(LightningModule):
         if self.opened_task >= 0 and self.classifier.prompt is not None:
             # restore the pool's notion of the open task without re-drawing (the weights come from the checkpoint)
             self.classifier.prompt.task = self.opened_task
+        if self.opened_task >= 0:
+            self.method.start_task(self.opened_task)  # task-dependent method state (e.g. a temperature schedule)
         state = checkpoint["state_dict"]
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - set(self.state_dict()))
