@@ -44,10 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fp32-frozen-weights", action="store_true", help="cast_frozen_weights=False")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="cuda_graphs=False")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    s = tp.Settings(device=device, tiny=args.tiny, warmup=3, steps=args.steps, compile=args.compile)
+    s = tp.Settings(device=device, tiny=args.tiny, warmup=3, steps=args.steps, compile=args.compile,
+                    cast_weights=not args.fp32_frozen_weights, cuda_graphs=not args.no_cuda_graphs)
     with tempfile.TemporaryDirectory() as directory:
         model = build(args, s, directory)
         step = tp.train_step(model, tp.synthetic_batch(args.batch, s), args.precision, s)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else 0.0
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"case={args.case} arch={args.arch} precision={args.precision} batch={args.batch} device={device} "
-          f"compile={args.compile}")
+          f"compile={args.compile} cast_frozen_weights={s.cast_weights} cuda_graphs={s.cuda_graphs}")
     print(f"per step: wall {wall:.2f} ms (under the profiler), GPU busy {gpu_us / 1e3 / args.steps:.2f} ms, "
           f"{kernels / args.steps:.0f} kernels")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -9,7 +9,10 @@ Cases (a table row and a JSON line each; the JSON line is printed as soon as the
   comes from a checkpoint written here (ViT-B -> ViT-S at ``--batch``, ViT-L -> ViT-B at ``--large-batch``).
 How: the library's classes with random weights, on the device, ``open_task(0)``, Adam from ``configure_optimizers``;
 one fixed random ``[0, 1]`` batch with task-0 labels (no data loading); ``--warmup`` untimed steps, then ``--steps``
-timed with CUDA events. bf16 = under ``torch.autocast``; fp32 = no autocast, default matmul precision (printed).
+timed with CUDA events. bf16 = under ``torch.autocast``, frozen Linear/Conv weights stored in bf16 as a bf16-mixed
+trainer does (``cast_frozen_weights``; ``--fp32-frozen-weights`` keeps them fp32); fp32 = no autocast, default matmul
+precision (printed). The gradient-free passes run from CUDA graphs as in training (``cuda_graphs``; off with
+``--no-cuda-graphs``).
 Peak memory: ``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
 ``--query reference``: teacher-side models take their student architecture's query as in the CDL reference (B -> S,
 L -> B), shared by teacher and student in ``train-distill``. ``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths
@@ -60,6 +63,8 @@ class Settings:
     warmup: int
     steps: int
     compile: bool
+    cast_weights: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -94,6 +99,7 @@ def learner(arch: str, query: str, s: Settings) -> PromptLearner:
 def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     """Move to the device, open task 0, silence ``self.log`` (a warning-emitting no-op without a trainer)."""
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    model.hparams.cuda_graphs = s.cuda_graphs
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
@@ -177,8 +183,16 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
     return result
 
 
+def set_precision(model: PromptLearner, precision: str, s: Settings) -> None:
+    """Frozen matmul weights in bf16 for bf16 cases (as a ``bf16-mixed`` trainer's setup does), else fp32."""
+    model.cast_frozen_weights_(torch.bfloat16 if precision == "bf16" and s.cast_weights else torch.float32)
+    for runner in model.graph_runners.values():
+        runner.reset()  # free the graphs of the previous case
+
+
 def train_step(model: PromptLearner, batch: tuple[Tensor, Tensor, Tensor], precision: str, s: Settings) -> Step:
     """``training_step`` (query pass, teacher if any, student forward, loss) + backward + Adam step."""
+    set_precision(model, precision, s)
     model.train()
     optimizer = model.configure_optimizers()["optimizer"]  # fresh Adam state per case
 
@@ -193,6 +207,7 @@ def train_step(model: PromptLearner, batch: tuple[Tensor, Tensor, Tensor], preci
 
 def infer_step(model: PromptLearner, images: Tensor, precision: str, s: Settings) -> Step:
     """Inference logits of task 0's classes (query pass included)."""
+    set_precision(model, precision, s)
     model.eval()
 
     def step(i: int) -> None:
@@ -241,7 +256,9 @@ def distill_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
 def print_environment(s: Settings, args: argparse.Namespace) -> None:
     env = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "lightning": lightning.__version__, "device": str(s.device), "precision": args.precision,
-           "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile, "tiny": s.tiny,
+           "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
+           "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark, "tiny": s.tiny,
            "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none"}
@@ -276,15 +293,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default 10, tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default 30, tiny 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every PromptedViT's forward and query")
+    parser.add_argument("--fp32-frozen-weights", action="store_true", help="bf16 cases: keep the frozen weights in "
+                        "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "
+                        "cuda_graphs=False")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
+                        "Trainer's `benchmark: true`): cuDNN times its algorithms for the patch-embedding convolution")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Attribute 'method' is an instance of `nn.Module`")  # harmless
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available: run on a GPU machine, or pass --tiny for the CPU smoke test")
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
-                 args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile)
+                 args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
+                 not args.fp32_frozen_weights, not args.no_cuda_graphs)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

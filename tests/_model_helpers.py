@@ -11,7 +11,9 @@ NUM_TASKS = 2
 EPOCHS_PER_TASK = 2
 
 
-def make_trainer(root: Path, epochs_per_task: int = EPOCHS_PER_TASK, callbacks: list | None = None) -> Trainer:
+def make_trainer(
+    root: Path, epochs_per_task: int = EPOCHS_PER_TASK, callbacks: list | None = None, **kwargs: object
+) -> Trainer:
     return Trainer(
         accelerator="cpu",
         max_epochs=NUM_TASKS * epochs_per_task,
@@ -23,6 +25,7 @@ def make_trainer(root: Path, epochs_per_task: int = EPOCHS_PER_TASK, callbacks: 
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=callbacks or [],
+        **kwargs,
     )
 
 

@@ -417,3 +417,30 @@ def test_kdp_training_loss_by_hand(teacher):
     kl = (p_teacher * (p_teacher.log() - F.log_softmax(hand.kd[:, current] / t, dim=1))).sum(1).mean() * t * t
     torch.testing.assert_close(loss, 0.5 * ce + 0.5 * kl, rtol=1e-5, atol=1e-6)
     assert kl > 0
+
+
+# ====================================================================================== bf16 frozen-weight storage
+def test_bf16_mixed_fit_with_cast_frozen_weights_is_bit_identical(teacher, tmp_path):
+    """Under ``bf16-mixed`` the frozen weights (student, query, teacher) are stored in bf16 at setup; autocast used
+    them in bf16 anyway, so every loss and every learned parameter equals the run that keeps them fp32."""
+    runs = {}
+    for cast in (True, False):
+        data = make_data(epochs_per_task=1)
+        torch.manual_seed(1)
+        distiller = Distiller(method=KDP(), teacher_checkpoint=teacher.last,
+                              **student_kwargs(data, cast_frozen_weights=cast))
+        recorder = DistillRecorder()
+        make_trainer(tmp_path / str(cast), 1, [recorder], precision="bf16-mixed").fit(distiller, data)
+        runs[cast] = distiller, recorder.losses
+    (cast_model, cast_losses), (fp32_model, fp32_losses) = runs[True], runs[False]
+    assert len(cast_losses) == NUM_TASKS * 4 and cast_losses == fp32_losses
+    for name, value in fp32_model.trainable_state().items():
+        assert torch.equal(cast_model.trainable_state()[name], value), name
+    qkv = "vit.blocks.0.attn.qkv.weight"
+    for vit in cast_model.frozen_vits():
+        assert vit.get_parameter(qkv).dtype == torch.bfloat16 and vit.matmul_dtype == torch.bfloat16
+    assert cast_model.teacher.backbone in cast_model.frozen_vits()
+    assert all(vit.get_parameter(qkv).dtype == torch.float32 for vit in fp32_model.frozen_vits())
+    images = images_batch()
+    with torch.no_grad():  # evaluation outside autocast still works (the cast ViTs autocast themselves)
+        torch.testing.assert_close(cast_model.eval()(images, 1), fp32_model.eval()(images, 1), rtol=0.1, atol=0.1)

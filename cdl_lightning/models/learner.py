@@ -13,12 +13,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
+from cdl_lightning.nn.graphs import GraphedFunction
 from cdl_lightning.nn.kd import DistillationMethod
 from cdl_lightning.nn.prompts.base import PromptPool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
 
 PromptFactory = Callable[[int, int, int], PromptPool]
 """Builds a prompt pool from ``(embed_dim, key_dim, num_tasks)``; in YAML a ``class_path`` with ``init_args``."""
+
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Trainer precisions under which frozen matmul weights are stored in the autocast dtype (``cast_frozen_weights``)."""
 
 def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = False) -> float:
     """The CODA-Prompt reference schedule factor ``cos(99 pi i / (200 (K - 1)))`` (a quarter cosine from 1 down to
@@ -56,6 +60,12 @@ class PromptLearner(LightningModule):
         compile: ``torch.compile`` every ViT pass (prompted forward and query, teacher's too) when the trainer sets
             up. Small batches are launch-bound in eager mode; on one H100 this took the bf16 ViT-S learner step from
             1,589 to 2,446 img/s (``benchmarks/throughput.py --compile``). Costs a minute of compilation per model.
+        cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
+            weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
+            re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.
+        cuda_graphs: on CUDA, run the gradient-free passes (the training step's prompt-query pass, a distiller's
+            teacher, evaluation and prediction forwards) from CUDA graphs (`GraphedFunction`): one launch instead of
+            hundreds per pass; the step is otherwise bound by kernel-launch overhead. Same kernels, same results.
     """
 
     def __init__(
@@ -73,6 +83,8 @@ class PromptLearner(LightningModule):
         schedule: Literal["cosine", "constant"] = "cosine",
         reference_lr_off_by_one: bool = False,
         compile: bool = False,
+        cast_frozen_weights: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if not task_sizes:
@@ -105,6 +117,7 @@ class PromptLearner(LightningModule):
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
         self.strict_loading = False  # checkpoints omit the frozen backbone
+        self.graph_runners: dict[str, GraphedFunction] = {}  # created on first use (CUDA only)
 
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
@@ -160,20 +173,48 @@ class PromptLearner(LightningModule):
         if self.opened_task >= 0 and (self.trainer.current_epoch % self.epochs_per_task == 0):
             self.snapshot_task(self.opened_task)
 
-    def compiled_vits(self) -> list[PromptedViT]:
-        """The ViTs that ``compile=True`` compiles (a distiller adds its teacher's)."""
-        return self.classifier.frozen_modules()
+    def frozen_vits(self) -> list[PromptedViT]:
+        """Every frozen ViT, each once (a distiller adds its teacher's): what ``compile`` and ``cast_frozen_weights``
+        act on."""
+        return list({id(v): v for v in self.classifier.frozen_modules()}.values())
+
+    def cast_frozen_weights_(self, dtype: torch.dtype) -> None:
+        """Store every frozen ViT's Linear/Conv weights in ``dtype`` (see ``cast_frozen_weights``); for Python loops
+        that use ``torch.autocast`` themselves (a trainer does this in ``setup``)."""
+        for vit in self.frozen_vits():
+            vit.cast_matmul_weights_(dtype)
+
+    @override
+    def setup(self, stage: str) -> None:
+        dtype = MIXED_PRECISION_DTYPES.get(str(self.trainer.precision))
+        if dtype is not None and self.hparams.get("cast_frozen_weights", True):
+            self.cast_frozen_weights_(dtype)
 
     @override
     def configure_model(self) -> None:
         if not self.hparams.compile or getattr(self, "_compiled", False):
             return
-        for vit in {id(v): v for v in self.compiled_vits()}.values():
+        for vit in self.frozen_vits():
             vit.compile()  # the prompted forward
             vit.vit.forward_features = torch.compile(vit.vit.forward_features)  # the query pass
         self._compiled = True
 
     # ----------------------------------------------------------------------------------------------------- forward
+    def graphed(self, name: str, fn: Callable[..., tuple[Tensor, ...]], modules: list[torch.nn.Module]) -> Callable:
+        """``fn`` run from CUDA graphs when ``cuda_graphs`` is on (a no-op wrapper off CUDA), created once per name."""
+        if not self.hparams.get("cuda_graphs", True):
+            return fn
+        if name not in self.graph_runners:
+            self.graph_runners[name] = GraphedFunction(fn, modules)
+        return self.graph_runners[name]
+
+    def query(self, images: Tensor) -> Tensor:
+        """The prompt query of ``images`` (the frozen query pass, no grad)."""
+        def query_pass(images: Tensor) -> tuple[Tensor]:
+            return (self.classifier.query(images),)
+        with torch.no_grad():
+            return self.graphed("query", query_pass, self.classifier.frozen_modules())(images)[0]
+
     def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
         """The frozen teacher's output for this batch (a plain learner has none)."""
         return None
@@ -186,7 +227,12 @@ class PromptLearner(LightningModule):
     def forward(self, images: Tensor, task: int | None = None) -> Tensor:
         """Inference logits over the classes of tasks ``0..task`` (default: all learned so far)."""
         task = self.current_task if task is None else task
-        return self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]]
+
+        def logits_pass(images: Tensor, task: int) -> tuple[Tensor]:
+            return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]],)
+        if torch.is_grad_enabled() or self.training:
+            return logits_pass(images, task)[0]
+        return self.graphed("logits", logits_pass, [self])(images, task=task)[0]
 
     def _check_labels(self, targets: Tensor, task: int, start: int, stop: int) -> None:
         if targets.numel() and (targets.min() < start or targets.max() >= stop):
@@ -201,7 +247,7 @@ class PromptLearner(LightningModule):
         start, stop = self.task_range(task)
         if task != self._labels_checked_task:  # once per task: the check syncs with the device
             self._check_labels(targets, task, start, stop)
-        query = self.classifier.query(images) if self.classifier.prompt is not None else None
+        query = self.query(images) if self.classifier.prompt is not None else None
         teacher = self.teacher_forward(images, task, query)
         student = self.student_forward(images, task, train=True, query=query)
         task_loss = self.method.loss(student, teacher, targets, start, stop)

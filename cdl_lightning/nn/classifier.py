@@ -27,6 +27,15 @@ class ClassifierOutput:
     prompt_loss: Tensor
     blocks: list[Tensor] = field(default_factory=list)
 
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        """``(logits, features, tokens, prompt_loss, *blocks)`` (what a CUDA-graphed pass returns)."""
+        return self.logits, self.features, self.tokens, self.prompt_loss, *self.blocks
+
+    @classmethod
+    def from_tuple(cls, values: tuple[Tensor, ...]) -> ClassifierOutput:
+        logits, features, tokens, prompt_loss, *blocks = values
+        return cls(logits, features, tokens, prompt_loss, list(blocks))
+
 
 class PromptedClassifier(nn.Module):
     """Frozen ViT prompted by a `PromptPool` whose prompts are chosen by a frozen query encoder, plus a linear head.

@@ -12,6 +12,7 @@ submodules and ``F.scaled_dot_product_attention`` (fused kernels), so with no pr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,14 +49,16 @@ def merge_prefixes(*prefix_maps: dict[int, Prefix] | None) -> dict[int, Prefix]:
 def prefix_attention(attn: Attention, x: Tensor, prefix: Prefix) -> Tensor:
     """timm ``Attention.forward`` with a key/value prefix; the prefix enters after the qkv projection and q/k norm."""
     batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim)
+    q, k, v = qkv.unbind(2)  # B x N x H x hd views
+    q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
     pk, pv = prefix
-    pk = pk.to(k.dtype).expand(batch, -1, -1).reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    pv = pv.to(v.dtype).expand(batch, -1, -1).reshape(batch, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = torch.cat([pk, k], dim=2)
-    v = torch.cat([pv, v], dim=2)
+    # prefix and tokens are joined along the token axis in B x N x H x hd layout (rows of H*hd contiguous values: a
+    # fast copy), then viewed as B x H x N x hd for the attention kernel
+    k = torch.cat([pk.to(k.dtype).expand(batch, -1, -1).reshape(batch, -1, heads, head_dim), k], dim=1)
+    v = torch.cat([pv.to(v.dtype).expand(batch, -1, -1).reshape(batch, -1, heads, head_dim), v], dim=1)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim)
     out = attn.norm(out)
@@ -109,6 +112,36 @@ class PromptedViT(nn.Module):
         std = cfg.get("std", (0.229, 0.224, 0.225)) if input_norm == "timm" else (1.0, 1.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.matmul_dtype = torch.float32
+
+    def cast_matmul_weights_(self, dtype: torch.dtype) -> int:
+        """Store the frozen weights and biases of every ``nn.Linear`` and ``nn.Conv2d`` in ``dtype`` (in place).
+
+        Under ``torch.autocast(dtype=dtype)`` these layers compute in ``dtype`` anyway, and autocast re-casts frozen
+        fp32 weights on *every* call (its cast cache only keeps trainable leaves): hundreds of copy kernels per step.
+        Stored in ``dtype`` they are used as they are, with bit-identical results under autocast. Norms, position
+        embedding and class token stay fp32 (autocast runs norms in fp32). Outside autocast the ViT then runs itself
+        under ``torch.autocast(dtype=dtype)``, so it keeps working in fp32 code. ``torch.float32`` restores fp32
+        storage (values already rounded stay rounded). Returns the number of tensors cast.
+        """
+        if any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("cast_matmul_weights_ is for frozen ViTs: some parameters require grad")
+        count = 0
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in (module.weight, module.bias):
+                    if param is not None and param.dtype != dtype:
+                        param.data = param.data.to(dtype)
+                        count += 1
+        self.matmul_dtype = dtype
+        return count
+
+    def _autocast_if_cast(self, images: Tensor) -> contextlib.AbstractContextManager:
+        """Autocast to ``matmul_dtype`` when the weights were cast and the caller runs without autocast."""
+        device = images.device.type
+        if self.matmul_dtype == torch.float32 or torch.is_autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device, dtype=self.matmul_dtype)
 
     @property
     def embed_dim(self) -> int:
@@ -146,6 +179,17 @@ class PromptedViT(nn.Module):
             append: extra tokens put at the end of the sequence after the positional embedding (the KDP KD token).
             return_blocks: also return every block's output tokens (before the final norm).
         """
+        with self._autocast_if_cast(images):
+            return self._forward(images, prefixes, prepend, append, return_blocks)
+
+    def _forward(
+        self,
+        images: Tensor,
+        prefixes: dict[int, Prefix] | None,
+        prepend: Tensor | None,
+        append: Tensor | None,
+        return_blocks: bool,
+    ) -> ViTOutput:
         vit = self.vit
         x = vit.patch_drop(vit._pos_embed(vit.patch_embed(self.normalize(images))))
         batch = x.shape[0]
@@ -166,7 +210,8 @@ class PromptedViT(nn.Module):
     @torch.no_grad()
     def query(self, images: Tensor) -> Tensor:
         """The prompt query: final-norm class token of the ViT without prompts (``forward_features(x)[:, 0]``)."""
-        return self.vit.forward_features(self.normalize(images))[:, 0]
+        with self._autocast_if_cast(images):
+            return self.vit.forward_features(self.normalize(images))[:, 0]
 
 
 class OfflineWeightsError(RuntimeError):

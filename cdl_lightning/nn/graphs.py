@@ -1,0 +1,142 @@
+"""CUDA graphs for the frozen, gradient-free passes of a training step (query passes, the teacher, inference).
+
+A prompt learner's step at batch 64 is bound by the CPU on a modern GPU: every ViT pass launches hundreds of small
+kernels, and launching them takes longer than running them. A CUDA graph (``torch.cuda.CUDAGraph``) records a pass's
+kernels once and replays them with one launch. That is only valid for passes whose kernels and memory addresses do not
+change between calls, which is what the frozen passes are: fixed weights (updated in place when a teacher switches
+task snapshot), no autograd, no randomness (eval mode), no host synchronisation.
+
+`GraphedFunction` wraps such a pass: per input signature (shapes, dtypes, autocast and inference-mode state, plus the
+static keyword arguments such as the task) it captures a graph on first use and afterwards copies the inputs into the
+graph's static buffers, replays, and returns clones of the static outputs (so a later replay can never overwrite what a
+caller holds). If the parameters a graph reads were re-allocated (``.to()``, ``load_state_dict(assign=True)``), the
+graph is re-captured; if capture fails (an operation that cannot be captured), the pass runs eagerly from then on,
+with a warning. Off CUDA, and when autograd records, it simply calls the function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+Outputs = tuple[Tensor, ...]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    outputs: Outputs
+    params: tuple[int, ...]
+
+
+def _signature(tensors: Sequence[Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device, t.stride()) for t in tensors)
+
+
+def _autocast_state(device_type: str) -> tuple:
+    if not torch.is_autocast_enabled(device_type):
+        return (False,)
+    return True, torch.get_autocast_dtype(device_type)
+
+
+class GraphedFunction:
+    """Replay ``fn(*tensors, **static) -> tuple of tensors`` from CUDA graphs, one per input signature.
+
+    Args:
+        fn: a pure function of its tensor arguments, its hashable keyword arguments (``static``: each value gets its
+            own graph) and the parameters/buffers of ``modules``: no autograd, no randomness, no host synchronisation
+            (``.item()``, data-dependent shapes). It returns a tuple of tensors.
+        modules: the modules whose parameters and buffers ``fn`` reads; a graph is re-captured when their storage
+            moved (e.g. after ``.to(device)``).
+        max_graphs: graphs kept (least recently used first out); each holds its own memory pool.
+        warmup: eager calls on a side stream before capture (lazy initialisation, cuBLAS workspaces, compilation).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Outputs],
+        modules: Sequence[nn.Module] = (),
+        max_graphs: int = 4,
+        warmup: int = 2,
+    ) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.fn = fn
+        self.modules = list(modules)
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self.disabled_reason: str | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory)."""
+        self.graphs.clear()
+
+    def _params(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for m in self.modules for t in (*m.parameters(), *m.buffers()))
+
+    def usable(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether this call can run from a graph (CUDA inputs, autograd not recording, graphs not disabled)."""
+        return (
+            self.disabled_reason is None
+            and len(tensors) > 0
+            and all(t.is_cuda for t in tensors)
+            and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def __call__(self, *tensors: Tensor, **static: Hashable) -> Outputs:
+        if not self.usable(tensors):
+            return self.fn(*tensors, **static)
+        key = tuple(sorted(static.items()))
+        signature = (key, _signature(tensors), _autocast_state("cuda"), torch.is_inference_mode_enabled())
+        entry = self.graphs.get(signature)
+        params = self._params()
+        if entry is None or entry.params != params:
+            entry = self._capture(tensors, static, params)
+            if entry is None:
+                return self.fn(*tensors, **static)
+            self.graphs[signature] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(signature)
+        for static, tensor in zip(entry.inputs, tensors, strict=True):
+            static.copy_(tensor)
+        entry.graph.replay()
+        self.replays += 1
+        return tuple(out.clone() for out in entry.outputs)
+
+    def _capture(
+        self, tensors: Sequence[Tensor], static: dict[str, Hashable], params: tuple[int, ...]
+    ) -> _Graph | None:
+        inputs = tuple(t.clone() for t in tensors)
+        autocast = _autocast_state("cuda")
+        dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
+        try:
+            side = torch.cuda.Stream(device=inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*inputs, **static)
+            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # autocast's cast cache must not hold tensors allocated inside the graph's private pool
+            with torch.cuda.graph(graph), torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False):
+                outputs = self.fn(*inputs, **static)
+        except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
+            self.disabled_reason = f"{type(err).__name__}: {err}"
+            self.graphs.clear()
+            warnings.warn(f"CUDA graph capture failed, the pass runs eagerly ({self.disabled_reason})", stacklevel=3)
+            return None
+        if not isinstance(outputs, tuple) or not all(isinstance(t, Tensor) for t in outputs):
+            raise TypeError(f"a graphed function must return a tuple of tensors, got {type(outputs).__name__}")
+        self.captures += 1
+        return _Graph(graph, inputs, outputs, params)

@@ -1,0 +1,82 @@
+"""The speed paths of the frozen passes change no numbers: frozen matmul weights stored in the autocast dtype
+(`PromptedViT.cast_matmul_weights_`, ``cast_frozen_weights``) and the CUDA-graph wrapper's CPU behaviour
+(`GraphedFunction`; its CUDA replay is checked against eager on the GPU by ``benchmarks/check_fast_paths.py``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cdl_lightning.nn import PromptedViT
+from cdl_lightning.nn.graphs import GraphedFunction
+
+
+@pytest.fixture()
+def vit(tiny_vit_config) -> PromptedViT:
+    return tiny_vit_config.build()
+
+
+def prefixes(vit: PromptedViT) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return {1: (torch.randn(2, 4, vit.embed_dim, generator=g), torch.randn(2, 4, vit.embed_dim, generator=g))}
+
+
+def test_cast_weights_are_bit_identical_under_autocast(vit):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(vit)
+    linears = sum(isinstance(m, nn.Linear) for m in vit.modules())
+    assert vit.cast_matmul_weights_(torch.bfloat16) == 2 * linears + 2  # weights and biases, plus the patch conv
+    assert vit.vit.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert vit.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert vit.vit.blocks[0].norm1.weight.dtype == torch.float32  # norms, pos embed and class token stay fp32
+    assert vit.vit.pos_embed.dtype == torch.float32 and vit.vit.cls_token.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(images, prefixes(reference), append=torch.ones(1, 1, vit.embed_dim), return_blocks=True)
+        actual = vit(images, prefixes(vit), append=torch.ones(1, 1, vit.embed_dim), return_blocks=True)
+        assert torch.equal(vit.query(images), reference.query(images))
+    assert torch.equal(actual.tokens, expected.tokens)
+    assert all(torch.equal(a, e) for a, e in zip(actual.blocks, expected.blocks, strict=True))
+
+
+def test_cast_vit_runs_itself_under_autocast_in_fp32_code(vit):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(vit)
+    vit.cast_matmul_weights_(torch.bfloat16)
+    with torch.no_grad():
+        actual = vit(images).tokens  # no autocast around: the ViT enters it itself instead of failing on dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(images).tokens
+        fp32 = reference(images).tokens
+    assert torch.equal(actual, expected)
+    assert not torch.equal(actual, fp32)
+    torch.testing.assert_close(actual.float(), fp32, rtol=0.1, atol=0.1)  # bf16 rounding only
+
+
+def test_cast_back_to_fp32_and_refuses_trainable(vit):
+    vit.cast_matmul_weights_(torch.bfloat16)
+    vit.cast_matmul_weights_(torch.float32)
+    assert all(p.dtype == torch.float32 for p in vit.parameters()) and vit.matmul_dtype == torch.float32
+    vit.vit.blocks[0].attn.qkv.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen ViTs"):
+        vit.cast_matmul_weights_(torch.bfloat16)
+
+
+def test_graphed_function_calls_through_off_cuda():
+    calls = []
+
+    def double(x: torch.Tensor, scale: int) -> tuple[torch.Tensor]:
+        calls.append(scale)
+        return (x * scale,)
+
+    graphed = GraphedFunction(double, [])
+    x = torch.arange(3.0)
+    with torch.no_grad():
+        (out,) = graphed(x, scale=2)
+    assert torch.equal(out, x * 2) and calls == [2]
+    assert graphed.captures == 0 and graphed.replays == 0 and not graphed.graphs
+    assert not graphed.usable([x])  # CPU tensors are never captured
+    with pytest.raises(ValueError, match="max_graphs"):
+        GraphedFunction(double, [], max_graphs=0)
