@@ -75,7 +75,7 @@ def check_steps(steps: int, s: tp.Settings) -> bool:
         ok &= compare(f"learned {name}", fast_state[name], value)
     ok &= compare("eval logits", fast_logits, base_logits)
     if s.device.type == "cuda":
-        ok &= runners.get("teacher", (0, 0))[1] > 0 and runners.get("query", (0, 0))[1] > 0
+        ok &= all(runners.get(name, (0, 0))[1] > 0 for name in ("teacher", "query", "train"))
     return ok
 
 

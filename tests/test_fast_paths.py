@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cdl_lightning.nn import PromptedViT
-from cdl_lightning.nn.graphs import GraphedFunction
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass, _CloneGrad
 
 
 @pytest.fixture()
@@ -80,3 +80,35 @@ def test_graphed_function_calls_through_off_cuda():
     assert not graphed.usable([x])  # CPU tensors are never captured
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedFunction(double, [], max_graphs=0)
+
+
+def test_graphed_training_pass_runs_the_vit_off_cuda(vit):
+    graphed = GraphedTrainingPass(vit)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pk = torch.randn(1, 4, vit.embed_dim, requires_grad=True)
+    pv = torch.randn(1, 4, vit.embed_dim, requires_grad=True)
+    token = torch.randn(1, 1, vit.embed_dim, requires_grad=True)
+    out = graphed(images, {1: (pk, pv)}, append=token, return_blocks=True)
+    expected = vit(images, {1: (pk, pv)}, append=token, return_blocks=True)
+    assert torch.equal(out.tokens, expected.tokens) and len(out.blocks) == vit.depth
+    out.tokens.sum().backward()
+    assert pk.grad is not None and token.grad is not None
+    assert graphed.captures == 0 and graphed.replays == 0 and not graphed.graphs
+
+
+def test_clone_grad_gives_a_fresh_gradient_tensor():
+    """A graphed backward returns static buffers: what reaches a parameter must be a copy, never the buffer."""
+    buffer = torch.ones(3)
+    x = torch.zeros(3, requires_grad=True)
+
+    class Static(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return buffer
+
+    Static.apply(_CloneGrad.apply(x)).sum().backward()
+    assert torch.equal(x.grad, buffer) and x.grad.data_ptr() != buffer.data_ptr()

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
-from cdl_lightning.nn.graphs import GraphedFunction
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
 from cdl_lightning.nn.kd import DistillationMethod
 from cdl_lightning.nn.prompts.base import PromptPool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
@@ -63,9 +63,10 @@ class PromptLearner(LightningModule):
         cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
             weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
             re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.
-        cuda_graphs: on CUDA, run the gradient-free passes (the training step's prompt-query pass, a distiller's
-            teacher, evaluation and prediction forwards) from CUDA graphs (`GraphedFunction`): one launch instead of
-            hundreds per pass; the step is otherwise bound by kernel-launch overhead. Same kernels, same results.
+        cuda_graphs: on CUDA, replay the frozen ViT passes from CUDA graphs: the gradient-free ones (the training
+            step's prompt-query pass, a distiller's teacher, evaluation and prediction) via `GraphedFunction`, the
+            prompted training pass forward and backward via `GraphedTrainingPass`. One launch instead of hundreds per
+            pass; eager steps are bound by kernel-launch overhead. Same kernels, same results.
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class PromptLearner(LightningModule):
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
         self.strict_loading = False  # checkpoints omit the frozen backbone
-        self.graph_runners: dict[str, GraphedFunction] = {}  # created on first use (CUDA only)
+        self.graph_runners: dict[str, GraphedFunction | GraphedTrainingPass] = {}  # created on first use (CUDA only)
 
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
@@ -221,8 +222,14 @@ class PromptLearner(LightningModule):
 
     def student_forward(self, images: Tensor, task: int, train: bool, query: Tensor | None = None) -> ClassifierOutput:
         inputs = self.method.student_inputs()
+        run_backbone = None
+        if train and self.hparams.get("cuda_graphs", True) and images.is_cuda:
+            if "train" not in self.graph_runners:
+                self.graph_runners["train"] = GraphedTrainingPass(self.classifier.backbone)
+            run_backbone = self.graph_runners["train"]
         return self.classifier(images, task, train, query=query, prefixes=inputs.prefixes, prepend=inputs.prepend,
-                               append=inputs.append, return_blocks=train and self.method.needs_student_blocks)
+                               append=inputs.append, return_blocks=train and self.method.needs_student_blocks,
+                               run_backbone=run_backbone)
 
     def forward(self, images: Tensor, task: int | None = None) -> Tensor:
         """Inference logits over the classes of tasks ``0..task`` (default: all learned so far)."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from cdl_lightning.nn.prompts.base import PromptPool
-from cdl_lightning.nn.vit import Prefix, PromptedViT, merge_prefixes
+from cdl_lightning.nn.vit import Prefix, PromptedViT, ViTOutput, merge_prefixes
 
 
 @dataclass
@@ -105,6 +106,7 @@ class PromptedClassifier(nn.Module):
         prepend: Tensor | None = None,
         append: Tensor | None = None,
         return_blocks: bool = False,
+        run_backbone: Callable[..., ViTOutput] | None = None,
     ) -> ClassifierOutput:
         """Classify ``[0, 1]`` images.
 
@@ -117,13 +119,16 @@ class PromptedClassifier(nn.Module):
             prepend: extra tokens before the class token (DeiT distillation token).
             append: extra tokens at the end of the sequence (KDP KD token).
             return_blocks: also return every block's output.
+            run_backbone: runs the backbone pass instead of ``self.backbone`` (same arguments and result), e.g. a
+                `GraphedTrainingPass` of it.
         """
         prompt_loss = images.new_zeros((), dtype=torch.float32)
         prompt_prefixes = None
         if self.prompt is not None:
             out = self.prompt(self.query(images) if query is None else query, task, train)
             prompt_prefixes, prompt_loss = out.prefixes, out.loss
-        vit_out = self.backbone(images, merge_prefixes(prompt_prefixes, prefixes), prepend, append, return_blocks)
+        run = run_backbone or self.backbone
+        vit_out = run(images, merge_prefixes(prompt_prefixes, prefixes), prepend, append, return_blocks)
         cls_index = 0 if prepend is None else prepend.shape[1]
         features = vit_out.tokens[:, cls_index]
         return ClassifierOutput(

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cdl_lightning.nn.vit import Prefix, ViTOutput
+
 Outputs = tuple[Tensor, ...]
 
 
@@ -140,3 +142,117 @@ class GraphedFunction:
             raise TypeError(f"a graphed function must return a tuple of tensors, got {type(outputs).__name__}")
         self.captures += 1
         return _Graph(graph, inputs, outputs, params)
+
+
+class _CloneGrad(torch.autograd.Function):
+    """Identity whose backward clones the gradient: a graphed backward returns its static gradient buffers, which must
+    not become (or alias) a parameter's ``.grad`` that the next replay would overwrite."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad.clone()
+
+
+class GraphedTrainingPass:
+    """A frozen `PromptedViT`'s prompted pass, forward *and* backward, replayed from CUDA graphs.
+
+    In a prompt learner's training step the frozen ViT's pass is the part autograd records: the prefixes and extra
+    tokens come from trainable parameters, so gradients flow back through the frozen blocks to them. Run eagerly this
+    pass costs a launch per kernel forward and backward; captured with `torch.cuda.make_graphed_callables` it is one
+    forward and one backward graph. One graph pair per input structure (prompted layers, extra tokens,
+    ``return_blocks``) and signature; the ViT's weights are read in place, so they must not change between replays
+    (they are frozen). Off CUDA, when autograd does not record, or when no input needs a gradient, the ViT runs
+    eagerly; a failed capture warns and falls back to eager for good.
+
+    Args:
+        vit: the frozen prompted ViT.
+        max_graphs: graph pairs kept (least recently used first out); each holds the pass's activations.
+        warmup: eager forward+backward iterations before capture.
+    """
+
+    def __init__(self, vit: nn.Module, max_graphs: int = 2, warmup: int = 3) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.vit = vit
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.graphs: OrderedDict[Hashable, tuple[Callable[..., Outputs], tuple[int, ...]]] = OrderedDict()
+        self.disabled_reason: str | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def usable(self, tensors: Sequence[Tensor]) -> bool:
+        return (
+            self.disabled_reason is None
+            and all(t.is_cuda for t in tensors)
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def __call__(
+        self,
+        images: Tensor,
+        prefixes: dict[int, Prefix] | None = None,
+        prepend: Tensor | None = None,
+        append: Tensor | None = None,
+        return_blocks: bool = False,
+    ) -> ViTOutput:
+        """`PromptedViT.forward`'s arguments and result."""
+        prefixes = prefixes or {}
+        layers = tuple(sorted(prefixes))
+        flat = [images, *(t for layer in layers for t in prefixes[layer])]
+        flat += [t for t in (prepend, append) if t is not None]
+        if not self.usable(flat):
+            return self.vit(images, prefixes, prepend, append, return_blocks)
+        structure = (layers, prepend is not None, append is not None, return_blocks)
+        key = (structure, tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat),
+               _autocast_state("cuda"))
+        params = tuple(t.data_ptr() for t in (*self.vit.parameters(), *self.vit.buffers()))
+        entry = self.graphs.get(key)
+        if entry is None or entry[1] != params:
+            graphed = self._capture(flat, structure)
+            if graphed is None:
+                return self.vit(images, prefixes, prepend, append, return_blocks)
+            entry = self.graphs[key] = (graphed, params)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        self.replays += 1
+        tokens, *blocks = entry[0](*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat))
+        return ViTOutput(tokens=tokens, blocks=blocks)
+
+    def _capture(self, flat: Sequence[Tensor], structure: tuple) -> Callable[..., Outputs] | None:
+        layers, has_prepend, has_append, return_blocks = structure
+
+        def run(*tensors: Tensor) -> Outputs:
+            rest = list(tensors[1:])
+            prefixes = {layer: (rest.pop(0), rest.pop(0)) for layer in layers}
+            prepend = rest.pop(0) if has_prepend else None
+            append = rest.pop(0) if has_append else None
+            out = self.vit(tensors[0], prefixes, prepend, append, return_blocks)
+            return (out.tokens, *out.blocks)
+
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        autocast = _autocast_state("cuda")
+        dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
+        try:
+            # make_graphed_callables refuses autocast's cast cache (cached casts would live outside the graph)
+            with torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False):
+                graphed = torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
+                                                            allow_unused_input=True)
+        except Exception as err:
+            self.disabled_reason = f"{type(err).__name__}: {err}"
+            self.graphs.clear()
+            warnings.warn(f"CUDA graph capture of the training pass failed, it runs eagerly ({self.disabled_reason})",
+                          stacklevel=3)
+            return None
+        self.captures += 1
+        return graphed
