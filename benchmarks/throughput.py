@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from cdl_lightning.models import Distiller, PromptLearner
-from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt, PromptedViT
+from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
 
 TIMM_NAMES = {"S": "vit_small_patch16_224", "B": "vit_base_patch16_224", "L": "vit_large_patch16_224"}
 TINY_WIDTHS = {"S": 32, "B": 64, "L": 96}
@@ -97,17 +97,15 @@ def learner(arch: str, query: str, s: Settings) -> PromptLearner:
 
 
 def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
-    """Move to the device, open task 0, silence ``self.log`` (a warning-emitting no-op without a trainer)."""
+    """Move to the device, open task 0, silence ``self.log`` (a warning-emitting no-op without a trainer), apply the
+    ``cuda_graphs`` / ``compile`` settings."""
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     model.hparams.cuda_graphs = s.cuda_graphs
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
-        roots = [model] + ([model.teacher] if getattr(model, "teacher", None) is not None else [])
-        vits = {id(m): m for root in roots for m in root.modules() if isinstance(m, PromptedViT)}
-        for vit in vits.values():
-            vit.compile()  # the prompted forward
-            vit.vit.forward_features = torch.compile(vit.vit.forward_features)  # the query pass
+        model.hparams.compile = True  # as `compile: true` in a config: every ViT pass compiled, CUDA graphs off
+        model.configure_model()
     return model
 
 
@@ -292,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the own backbone (library default); reference: from the student's architecture (CDL code)")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default 10, tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default 30, tiny 2)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every PromptedViT's forward and query")
+    parser.add_argument("--compile", action="store_true", help="compile=True: torch.compile every ViT pass (prompted "
+                        "forward and query pass, the teacher's too) instead of CUDA graphs")
     parser.add_argument("--fp32-frozen-weights", action="store_true", help="bf16 cases: keep the frozen weights in "
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "

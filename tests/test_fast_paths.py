@@ -112,3 +112,18 @@ def test_clone_grad_gives_a_fresh_gradient_tensor():
 
     Static.apply(_CloneGrad.apply(x)).sum().backward()
     assert torch.equal(x.grad, buffer) and x.grad.data_ptr() != buffer.data_ptr()
+
+
+def test_cuda_graphs_default_on_and_compile_replaces_them(tiny_vit_config):
+    from cdl_lightning.models import PromptLearner
+
+    def learner(**kwargs):
+        return PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], **kwargs)
+
+    assert learner().uses_cuda_graphs
+    assert not learner(cuda_graphs=False).uses_cuda_graphs
+    assert not learner(compile=True).uses_cuda_graphs
+    model = learner(cuda_graphs=False)
+    with torch.no_grad():
+        fn = lambda images: (images,)  # noqa: E731
+        assert model.graphed("x", fn, []) is fn and not model.graph_runners

@@ -24,6 +24,7 @@ PromptFactory = Callable[[int, int, int], PromptPool]
 MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 """Trainer precisions under which frozen matmul weights are stored in the autocast dtype (``cast_frozen_weights``)."""
 
+
 def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = False) -> float:
     """The CODA-Prompt reference schedule factor ``cos(99 pi i / (200 (K - 1)))`` (a quarter cosine from 1 down to
     ~0.016, not ``(1 + cos) / 2``), with ``i`` the epoch within the task; ``off_by_one`` reproduces the reference,
@@ -58,8 +59,9 @@ class PromptLearner(LightningModule):
         schedule: ``"cosine"`` = the reference's quarter cosine per task, or ``"constant"``.
         reference_lr_off_by_one: reproduce the reference's schedule off-by-one (epochs 0 and 1 share the first LR).
         compile: ``torch.compile`` every ViT pass (prompted forward and query, teacher's too) when the trainer sets
-            up. Small batches are launch-bound in eager mode; on one H100 this took the bf16 ViT-S learner step from
-            1,589 to 2,446 img/s (``benchmarks/throughput.py --compile``). Costs a minute of compilation per model.
+            up, *instead of* ``cuda_graphs`` (the two are not combined). Measured before CUDA graphs existed it took
+            the bf16 ViT-S learner step from 1,589 to 2,446 img/s on one H100; eager with ``cuda_graphs`` now runs it
+            at 4,055 img/s (``benchmarks/throughput.py``), so it is off by default. Costs a minute of compilation.
         cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
             weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
             re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.
@@ -201,9 +203,14 @@ class PromptLearner(LightningModule):
         self._compiled = True
 
     # ----------------------------------------------------------------------------------------------------- forward
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """``cuda_graphs`` is on and ``compile`` is off (the compiled passes are not captured)."""
+        return bool(self.hparams.get("cuda_graphs", True)) and not self.hparams.get("compile", False)
+
     def graphed(self, name: str, fn: Callable[..., tuple[Tensor, ...]], modules: list[torch.nn.Module]) -> Callable:
         """``fn`` run from CUDA graphs when ``cuda_graphs`` is on (a no-op wrapper off CUDA), created once per name."""
-        if not self.hparams.get("cuda_graphs", True):
+        if not self.uses_cuda_graphs:
             return fn
         if name not in self.graph_runners:
             self.graph_runners[name] = GraphedFunction(fn, modules)
@@ -223,7 +230,7 @@ class PromptLearner(LightningModule):
     def student_forward(self, images: Tensor, task: int, train: bool, query: Tensor | None = None) -> ClassifierOutput:
         inputs = self.method.student_inputs()
         run_backbone = None
-        if train and self.hparams.get("cuda_graphs", True) and images.is_cuda:
+        if train and self.uses_cuda_graphs and images.is_cuda:
             if "train" not in self.graph_runners:
                 self.graph_runners["train"] = GraphedTrainingPass(self.classifier.backbone)
             run_backbone = self.graph_runners["train"]
