@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,15 +36,6 @@ TEACHER_KWARGS = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_hea
 STUDENT_KWARGS = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2)
 CODA = functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2))  # 10 components per task
 TEACHER_METHODS = (LogitKD, DKD, FitNets, ReviewKD, DeiTToken, KDP)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models: intra-op threads only add overhead (and spin badly on a shared 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def backbone(kwargs: dict) -> BackboneConfig:
