@@ -3,65 +3,31 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
+from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 from PIL import Image
 
 from cdl_lightning.cli import cli_main
 
-TINY = {
-    "name": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
-}
-
 
 def common(save_dir) -> list[str]:
-    return [
-        "--seed_everything",
-        "0",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.save_dir",
-        str(save_dir),
-        "--trainer.logger.name",
-        "student",
-        "--trainer.logger.version",
-        "",
-        "--data.source",
-        "cdl_lightning.data.SyntheticShapes",
-        "--data.source.num_classes",
-        "6",
-        "--data.source.train_per_class",
-        "8",
-        "--data.source.test_per_class",
-        "4",
-        "--data.num_tasks",
-        "2",
-        "--data.batch_size",
-        "4",
-        "--data.image_size",
-        "32",
-        "--model",
-        "cdl_lightning.models.Distiller",
-        "--model.backbone",
-        json.dumps(TINY),
-        "--model.prompt",
-        "cdl_lightning.nn.prompts.L2P",
-        "--model.prompt.pool_size",
-        "6",
-        "--model.prompt.top_k",
-        "2",
-        "--evaluation.print_table",
-        "false",
-    ]
+    return as_args({
+        **cpu_run_options(save_dir, "student"),
+        "--trainer.limit_train_batches": 2,
+        "--data.source.num_classes": 6,
+        "--data.source.train_per_class": 8,
+        "--data.source.test_per_class": 4,
+        "--data.num_tasks": 2,
+        "--data.batch_size": 4,
+        "--data.image_size": 32,
+        "--model": "cdl_lightning.models.Distiller",
+        "--model.backbone": TINY_BACKBONE,
+        "--model.prompt": "cdl_lightning.nn.prompts.L2P",
+        "--model.prompt.pool_size": 6,
+        "--model.prompt.top_k": 2,
+        "--evaluation.print_table": "false",
+    })
 
 
 def test_cdl_predict_writes_a_class_per_file(tmp_path):

@@ -6,69 +6,31 @@ import json
 from pathlib import Path
 
 import torch
+from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 
 from cdl_lightning.cli import cli_main
 
-TINY = {
-    "name": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2},
-}
-
 
 def args_for(save_dir: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--seed_everything",
-        "0",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.limit_train_batches",
-        "4",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.save_dir",
-        str(save_dir),
-        "--trainer.logger.name",
-        "run",
-        "--trainer.logger.version",
-        "",
-        "--data.source",
-        "cdl_lightning.data.SyntheticShapes",
-        "--data.source.num_classes",
-        "6",
-        "--data.source.train_per_class",
-        "12",
-        "--data.source.test_per_class",
-        "5",
-        "--data.num_tasks",
-        "3",
-        "--data.epochs_per_task",
-        "2",
-        "--data.batch_size",
-        "6",
-        "--data.image_size",
-        "32",
-        "--model",
-        "cdl_lightning.models.PromptLearner",
-        "--model.backbone",
-        json.dumps(TINY),
-        "--model.prompt",
-        "cdl_lightning.nn.prompts.CodaPrompt",
-        "--model.prompt.pool_size",
-        "12",
-        "--model.prompt.layers",
-        "[0, 1]",
-        "--evaluation.print_table",
-        "false",
-        "--evaluation.log_image",
-        "false",
-        *extra,
-    ]
+    return ["fit", *as_args({
+        **cpu_run_options(save_dir, "run"),
+        "--trainer.limit_train_batches": 4,
+        "--trainer.enable_model_summary": "false",
+        "--data.source.num_classes": 6,
+        "--data.source.train_per_class": 12,
+        "--data.source.test_per_class": 5,
+        "--data.num_tasks": 3,
+        "--data.epochs_per_task": 2,
+        "--data.batch_size": 6,
+        "--data.image_size": 32,
+        "--model": "cdl_lightning.models.PromptLearner",
+        "--model.backbone": TINY_BACKBONE,
+        "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
+        "--model.prompt.pool_size": 12,
+        "--model.prompt.layers": "[0, 1]",
+        "--evaluation.print_table": "false",
+        "--evaluation.log_image": "false",
+    }), *extra]
 
 
 def matrix(save_dir: Path) -> list:

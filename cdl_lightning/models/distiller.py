@@ -171,21 +171,21 @@ class Distiller(PromptLearner):
     def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
         if self.teacher is None:
             return None
-        teacher = self.teacher
-
-        def teacher_pass(images: Tensor, *query: Tensor, task: int, train: bool, blocks: bool) -> tuple[Tensor, ...]:
-            out = teacher(images, task, train=train, query=query[0] if query else None, return_blocks=blocks)
-            return out.as_tuple()
         inputs = (images, query) if self.share_query and query is not None else (images,)
         with torch.no_grad():
-            run = self.graphed("teacher", teacher_pass, [teacher])
+            run = self.graphed("teacher", self._teacher_pass, [self.teacher])
             out = run(*inputs, task=task, train=self.teacher_prompt_mode == "train",
                       blocks=self.method.needs_teacher_blocks)
         return ClassifierOutput.from_tuple(out)
 
+    def _teacher_pass(self, images: Tensor, *query: Tensor, task: int, train: bool, blocks: bool) -> tuple[Tensor, ...]:
+        out = self.teacher(images, task, train=train, query=query[0] if query else None, return_blocks=blocks)
+        return out.as_tuple()
+
     @override
     def frozen_vits(self) -> list[PromptedViT]:
         teacher = self.teacher.frozen_modules() if self.teacher is not None else []
+        # a shared query encoder is the student's and the teacher's
         return list({id(v): v for v in super().frozen_vits() + teacher}.values())
 
     def teacher_parameters(self) -> list[nn.Parameter]:

@@ -179,7 +179,7 @@ class PromptLearner(LightningModule):
     def frozen_vits(self) -> list[PromptedViT]:
         """Every frozen ViT, each once (a distiller adds its teacher's): what ``compile`` and ``cast_frozen_weights``
         act on."""
-        return list({id(v): v for v in self.classifier.frozen_modules()}.values())
+        return self.classifier.frozen_modules()
 
     def cast_frozen_weights_(self, dtype: torch.dtype) -> None:
         """Store every frozen ViT's Linear/Conv weights in ``dtype`` (see ``cast_frozen_weights``); for Python loops
@@ -216,12 +216,13 @@ class PromptLearner(LightningModule):
             self.graph_runners[name] = GraphedFunction(fn, modules)
         return self.graph_runners[name]
 
+    def _query_pass(self, images: Tensor) -> tuple[Tensor]:
+        return (self.classifier.query(images),)
+
     def query(self, images: Tensor) -> Tensor:
         """The prompt query of ``images`` (the frozen query pass, no grad)."""
-        def query_pass(images: Tensor) -> tuple[Tensor]:
-            return (self.classifier.query(images),)
         with torch.no_grad():
-            return self.graphed("query", query_pass, self.classifier.frozen_modules())(images)[0]
+            return self.graphed("query", self._query_pass, self.classifier.frozen_modules())(images)[0]
 
     def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
         """The frozen teacher's output for this batch (a plain learner has none)."""
@@ -238,15 +239,15 @@ class PromptLearner(LightningModule):
                                append=inputs.append, return_blocks=train and self.method.needs_student_blocks,
                                run_backbone=run_backbone)
 
+    def _logits_pass(self, images: Tensor, task: int) -> tuple[Tensor]:
+        return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]],)
+
     def forward(self, images: Tensor, task: int | None = None) -> Tensor:
         """Inference logits over the classes of tasks ``0..task`` (default: all learned so far)."""
         task = self.current_task if task is None else task
-
-        def logits_pass(images: Tensor, task: int) -> tuple[Tensor]:
-            return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]],)
         if torch.is_grad_enabled() or self.training:
-            return logits_pass(images, task)[0]
-        return self.graphed("logits", logits_pass, [self])(images, task=task)[0]
+            return self._logits_pass(images, task)[0]
+        return self.graphed("logits", self._logits_pass, [self])(images, task=task)[0]
 
     def _check_labels(self, targets: Tensor, task: int, start: int, stop: int) -> None:
         if targets.numel() and (targets.min() < start or targets.max() >= stop):

@@ -34,7 +34,6 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[Tensor, ...]
     outputs: Outputs
-    params: tuple[int, ...]
 
 
 def _signature(tensors: Sequence[Tensor]) -> tuple:
@@ -47,7 +46,59 @@ def _autocast_state(device_type: str) -> tuple:
     return True, torch.get_autocast_dtype(device_type)
 
 
-class GraphedFunction:
+def _capture_autocast() -> torch.autocast:
+    """The caller's CUDA autocast state with the cast cache off: cached casts would be allocated inside a graph's
+    private pool (and `torch.cuda.make_graphed_callables` refuses the cache)."""
+    autocast = _autocast_state("cuda")
+    dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
+    return torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False)
+
+
+class _GraphCache:
+    """What both graph wrappers share: captured graphs keyed by input signature, least recently used out first,
+    re-captured when the storage of the modules they read moved, and switched off for good after a failed capture."""
+
+    def __init__(self, modules: Sequence[nn.Module], max_graphs: int, warmup: int) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.modules = list(modules)
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.graphs: OrderedDict[Hashable, tuple[object, tuple[int, ...]]] = OrderedDict()
+        self.disabled_reason: str | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory)."""
+        self.graphs.clear()
+
+    def _storage(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for m in self.modules for t in (*m.parameters(), *m.buffers()))
+
+    def _lookup(self, key: Hashable, capture: Callable[[], object | None]) -> object | None:
+        """The graph for ``key``, captured by ``capture()`` if missing or stale; ``None`` if capture failed."""
+        storage = self._storage()
+        entry = self.graphs.get(key)
+        if entry is None or entry[1] != storage:
+            graph = capture()
+            if graph is None:
+                return None
+            self.captures += 1
+            entry = self.graphs[key] = (graph, storage)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        self.replays += 1
+        return entry[0]
+
+    def _disable(self, err: Exception, what: str) -> None:
+        self.disabled_reason = f"{type(err).__name__}: {err}"
+        self.graphs.clear()
+        warnings.warn(f"CUDA graph capture of {what} failed, it runs eagerly ({self.disabled_reason})", stacklevel=4)
+
+
+class GraphedFunction(_GraphCache):
     """Replay ``fn(*tensors, **static) -> tuple of tensors`` from CUDA graphs, one per input signature.
 
     Args:
@@ -67,23 +118,8 @@ class GraphedFunction:
         max_graphs: int = 4,
         warmup: int = 2,
     ) -> None:
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        super().__init__(modules, max_graphs, warmup)
         self.fn = fn
-        self.modules = list(modules)
-        self.max_graphs = max_graphs
-        self.warmup = warmup
-        self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
-        self.disabled_reason: str | None = None
-        self.captures = 0
-        self.replays = 0
-
-    def reset(self) -> None:
-        """Drop every captured graph (and its memory)."""
-        self.graphs.clear()
-
-    def _params(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for m in self.modules for t in (*m.parameters(), *m.buffers()))
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         """Whether this call can run from a graph (CUDA inputs, autograd not recording, graphs not disabled)."""
@@ -100,48 +136,33 @@ class GraphedFunction:
             return self.fn(*tensors, **static)
         key = tuple(sorted(static.items()))
         signature = (key, _signature(tensors), _autocast_state("cuda"), torch.is_inference_mode_enabled())
-        entry = self.graphs.get(signature)
-        params = self._params()
-        if entry is None or entry.params != params:
-            entry = self._capture(tensors, static, params)
-            if entry is None:
-                return self.fn(*tensors, **static)
-            self.graphs[signature] = entry
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(signature)
-        for static, tensor in zip(entry.inputs, tensors, strict=True):
-            static.copy_(tensor)
+        entry = self._lookup(signature, lambda: self._capture(tensors, static))
+        if entry is None:
+            return self.fn(*tensors, **static)
+        for buffer, tensor in zip(entry.inputs, tensors, strict=True):
+            buffer.copy_(tensor)
         entry.graph.replay()
-        self.replays += 1
         return tuple(out.clone() for out in entry.outputs)
 
-    def _capture(
-        self, tensors: Sequence[Tensor], static: dict[str, Hashable], params: tuple[int, ...]
-    ) -> _Graph | None:
+    def _capture(self, tensors: Sequence[Tensor], static: dict[str, Hashable]) -> _Graph | None:
         inputs = tuple(t.clone() for t in tensors)
-        autocast = _autocast_state("cuda")
-        dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
+        device = inputs[0].device
         try:
-            side = torch.cuda.Stream(device=inputs[0].device)
-            side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*inputs, **static)
-            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # autocast's cast cache must not hold tensors allocated inside the graph's private pool
-            with torch.cuda.graph(graph), torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False):
+            with torch.cuda.graph(graph), _capture_autocast():
                 outputs = self.fn(*inputs, **static)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
-            self.disabled_reason = f"{type(err).__name__}: {err}"
-            self.graphs.clear()
-            warnings.warn(f"CUDA graph capture failed, the pass runs eagerly ({self.disabled_reason})", stacklevel=3)
+            self._disable(err, "a gradient-free pass")
             return None
         if not isinstance(outputs, tuple) or not all(isinstance(t, Tensor) for t in outputs):
             raise TypeError(f"a graphed function must return a tuple of tensors, got {type(outputs).__name__}")
-        self.captures += 1
-        return _Graph(graph, inputs, outputs, params)
+        return _Graph(graph, inputs, outputs)
 
 
 class _CloneGrad(torch.autograd.Function):
@@ -157,7 +178,7 @@ class _CloneGrad(torch.autograd.Function):
         return grad.clone()
 
 
-class GraphedTrainingPass:
+class GraphedTrainingPass(_GraphCache):
     """A frozen `PromptedViT`'s prompted pass, forward *and* backward, replayed from CUDA graphs.
 
     In a prompt learner's training step the frozen ViT's pass is the part autograd records: the prefixes and extra
@@ -175,18 +196,8 @@ class GraphedTrainingPass:
     """
 
     def __init__(self, vit: nn.Module, max_graphs: int = 2, warmup: int = 3) -> None:
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        super().__init__([vit], max_graphs, warmup)
         self.vit = vit
-        self.max_graphs = max_graphs
-        self.warmup = warmup
-        self.graphs: OrderedDict[Hashable, tuple[Callable[..., Outputs], tuple[int, ...]]] = OrderedDict()
-        self.disabled_reason: str | None = None
-        self.captures = 0
-        self.replays = 0
-
-    def reset(self) -> None:
-        self.graphs.clear()
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         return (
@@ -215,18 +226,10 @@ class GraphedTrainingPass:
         structure = (layers, prepend is not None, append is not None, return_blocks)
         key = (structure, tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat),
                _autocast_state("cuda"))
-        params = tuple(t.data_ptr() for t in (*self.vit.parameters(), *self.vit.buffers()))
-        entry = self.graphs.get(key)
-        if entry is None or entry[1] != params:
-            graphed = self._capture(flat, structure)
-            if graphed is None:
-                return self.vit(images, prefixes, prepend, append, return_blocks)
-            entry = self.graphs[key] = (graphed, params)
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        self.replays += 1
-        tokens, *blocks = entry[0](*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat))
+        graphed = self._lookup(key, lambda: self._capture(flat, structure))
+        if graphed is None:
+            return self.vit(images, prefixes, prepend, append, return_blocks)
+        tokens, *blocks = graphed(*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat))
         return ViTOutput(tokens=tokens, blocks=blocks)
 
     def _capture(self, flat: Sequence[Tensor], structure: tuple) -> Callable[..., Outputs] | None:
@@ -241,18 +244,10 @@ class GraphedTrainingPass:
             return (out.tokens, *out.blocks)
 
         sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
-        autocast = _autocast_state("cuda")
-        dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
         try:
-            # make_graphed_callables refuses autocast's cast cache (cached casts would live outside the graph)
-            with torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
-                                                            allow_unused_input=True)
+            with _capture_autocast():
+                return torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
+                                                         allow_unused_input=True)
         except Exception as err:
-            self.disabled_reason = f"{type(err).__name__}: {err}"
-            self.graphs.clear()
-            warnings.warn(f"CUDA graph capture of the training pass failed, it runs eagerly ({self.disabled_reason})",
-                          stacklevel=3)
+            self._disable(err, "the training pass")
             return None
-        self.captures += 1
-        return graphed
