@@ -16,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["TaskSchedule", "task_offsets", "task_ranges"]
+__all__ = ["TaskSchedule", "task_of_epoch", "task_offsets", "task_ranges"]
+
+
+def task_of_epoch(epoch: int, epochs_per_task: int, num_tasks: int) -> int:
+    """Task trained at (0-based) ``epoch``: ``min(epoch // epochs_per_task, num_tasks - 1)`` (the one place this is
+    computed; `TaskSchedule.task_of` and `ContinualEvaluation` call it)."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return min(epoch // epochs_per_task, num_tasks - 1)
 
 
 def task_offsets(sizes: Sequence[int]) -> list[int]:
@@ -129,9 +137,7 @@ class TaskSchedule:
 
     def task_of(self, epoch: int) -> int:
         """Task trained at (0-based) ``epoch``: ``min(epoch // epochs_per_task, num_tasks - 1)``."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+        return task_of_epoch(epoch, self.epochs_per_task, self.num_tasks)
 
     def task_after(self, epochs_trained: int) -> int:
         """Last task trained once ``epochs_trained`` epochs are done (task 0 before any epoch)."""

@@ -1,6 +1,8 @@
 """Continual-learning metrics: per-task accuracy (torchmetrics) and functional metrics on the accuracy matrix."""
 
 from cdl_lightning.metrics.functional import (
+    MATRIX_METRICS,
+    MatrixMetric,
     accuracy_matrix_to_numpy,
     average_accuracy,
     backward_transfer,
@@ -8,10 +10,13 @@ from cdl_lightning.metrics.functional import (
     last_filled_row,
     metric_curves,
     reference_forgetting,
+    task_accuracy,
 )
 from cdl_lightning.metrics.task_accuracy import TaskAccuracy
 
 __all__ = [
+    "MATRIX_METRICS",
+    "MatrixMetric",
     "TaskAccuracy",
     "accuracy_matrix_to_numpy",
     "average_accuracy",
@@ -20,4 +25,5 @@ __all__ = [
     "last_filled_row",
     "metric_curves",
     "reference_forgetting",
+    "task_accuracy",
 ]
