@@ -25,9 +25,9 @@ from cdl_lightning.nn import (
     BackboneConfig,
     CodaPrompt,
     DeiTToken,
-    DistillationMethod,
     FitNets,
     LogitKD,
+    NoDistillation,
     ReviewKD,
 )
 
@@ -147,10 +147,10 @@ def spy_teacher_forward(distiller: Distiller) -> list[Any]:
 
 
 # ================================================================================================ every method
-@pytest.mark.parametrize("method_cls", [DistillationMethod, *TEACHER_METHODS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("method_cls", [NoDistillation, *TEACHER_METHODS], ids=lambda c: c.__name__)
 def test_student_fit_with_every_method(teacher, tmp_path, method_cls):
     data = make_data()
-    needs_teacher = method_cls is not DistillationMethod
+    needs_teacher = method_cls is not NoDistillation
     torch.manual_seed(1)
     distiller = Distiller(
         method=method_cls(), teacher_checkpoint=teacher.last if needs_teacher else None, **student_kwargs(data)
@@ -352,7 +352,7 @@ def test_method_needing_a_teacher_without_checkpoint(method_cls):
 
 def test_none_method_needs_no_teacher():
     distiller = Distiller(**student_kwargs(make_data()))
-    assert type(distiller.method) is DistillationMethod
+    assert type(distiller.method) is NoDistillation
     assert distiller.teacher is None and distiller.share_query is False
 
 

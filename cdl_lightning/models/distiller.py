@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from cdl_lightning.models.learner import PromptLearner, checkpoint_task_schedule
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
-from cdl_lightning.nn.kd import DistillationMethod, ModelShape
+from cdl_lightning.nn.kd import DistillationMethod, ModelShape, NoDistillation
 from cdl_lightning.nn.prompts.base import build_prompt_pool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
 from cdl_lightning.tasks import TaskSchedule
@@ -90,8 +90,8 @@ class Distiller(PromptLearner):
     query from the same frozen ViT, the query pass runs once and is shared.
 
     Args:
-        method: the distillation method (`DistillationMethod` = none, `LogitKD`, `DKD`, `FitNets`, `ReviewKD`,
-            `DeiTToken`, `KDP`).
+        method: the distillation method (`NoDistillation` = the student alone, `LogitKD`, `DKD`, `FitNets`,
+            `ReviewKD`, `DeiTToken`, `KDP`, or your `DistillationMethod` subclass); ``None`` = `NoDistillation`.
         teacher_checkpoint: the teacher run's final checkpoint; required by every method but ``none``.
         teacher_prompt_mode: ``"eval"`` runs the teacher's prompt selection as at evaluation (key matching), ``"train"``
             as in training (true task id for DualPrompt).
@@ -106,7 +106,7 @@ class Distiller(PromptLearner):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # its save_hyperparameters() also records this class's arguments
-        method = method if method is not None else DistillationMethod()
+        method = method if method is not None else NoDistillation()
         self.teacher_prompt_mode = teacher_prompt_mode
         self.teacher_run: TeacherRun | None = None
         teacher: PromptedClassifier | None = None

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
-from cdl_lightning.nn.kd import DistillationMethod
+from cdl_lightning.nn.kd import DistillationMethod, NoDistillation
 from cdl_lightning.nn.prompts.base import PromptPool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
 from cdl_lightning.tasks import TaskSchedule
@@ -163,7 +163,7 @@ class PromptLearner(LightningModule):
         # `cdl validate|test|predict --ckpt_path` (which re-reads these hyper-parameters) rebuilds the same pool
         self.hparams["prompt"] = pool.spec(exclude=("embed_dim", "key_dim", "num_tasks")) if pool is not None else None
         self.classifier = PromptedClassifier(vit, self.num_classes, pool, query_vit)
-        self.method = DistillationMethod()
+        self.method: DistillationMethod = NoDistillation()
         self.opened_task = -1
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
