@@ -131,7 +131,8 @@ def _validate(config: Path, ckpt: Path, out: Path) -> list:
     return json.loads((out / "metrics.json").read_text())["accuracy_matrix"]
 
 
-def test_saved_config_and_old_checkpoints_validate_through_the_cli(tmp_path):
+def test_saved_config_and_old_checkpoints_validate_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `cdl validate` without logger saves its config.yaml in the working directory
     run = tmp_path / "run"
     options = cpu_run_options(tmp_path, "run")
     cli_main(["fit", *as_args(options), "--model.backbone", TINY_BACKBONE, "--data.num_tasks", "2",
