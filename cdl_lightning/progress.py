@@ -9,6 +9,7 @@ model. Duck-typed on the trainer (no Lightning import), so it also serves callba
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,17 @@ def _epochs_trained_in_file(path: str) -> int | None:
     if key not in _CHECKPOINT_PROGRESS:
         import torch
 
-        # memory-mapped and weights-only: only the small progress dictionary is actually read
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        _CHECKPOINT_PROGRESS[key] = checkpoint_epochs_trained(checkpoint)
+        checkpoint = None
+        for mmap in (True, False):  # memory-mapped: only the small progress dictionary is actually read
+            try:
+                checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+                break
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: say so, fall back below
+                failure = error
+        if checkpoint is None:
+            warnings.warn(f"could not read the training progress of {file} ({failure}); the evaluated task falls "
+                          "back to this trainer's own fit (task 0 without one)", stacklevel=2)
+        _CHECKPOINT_PROGRESS[key] = None if checkpoint is None else checkpoint_epochs_trained(checkpoint)
     return _CHECKPOINT_PROGRESS[key]
 
 

@@ -111,6 +111,9 @@ def test_evaluated_epoch_inside_and_outside_fit(tmp_path):
     torch.save(checkpoint, tmp_path / "x.ckpt")
     # a checkpoint being evaluated decides over what this trainer's own fit processed
     assert evaluated_epoch(_trainer("validate", processed=9, ckpt_path=str(tmp_path / "x.ckpt"))) == 3
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="could not read the training progress"):
+        assert evaluated_epoch(_trainer("validate", processed=4, ckpt_path=str(tmp_path / "broken.ckpt"))) == 3
 
 
 # ====================================================================================== checkpoints of before
