@@ -9,8 +9,8 @@ from cdl_lightning.metrics.functional import (
     forgetting,
     last_filled_row,
     metric_curves,
+    per_task_accuracy,
     reference_forgetting,
-    task_accuracy,
 )
 from cdl_lightning.metrics.task_accuracy import TaskAccuracy
 
@@ -25,5 +25,5 @@ __all__ = [
     "last_filled_row",
     "metric_curves",
     "reference_forgetting",
-    "task_accuracy",
+    "per_task_accuracy",
 ]

@@ -2,7 +2,7 @@
 
 Per-task accuracy follows torchmetrics' functional pattern: `_task_accuracy_update` turns a batch into per-task counts,
 `_task_accuracy_compute` turns summed counts into accuracies; `TaskAccuracy` (the stateful, DDP-summed metric) and
-`ContinualEvaluation` both use them, and `task_accuracy` does both for one batch.
+`ContinualEvaluation` both use them, and `per_task_accuracy` does both for one batch.
 
 The accuracy-matrix metrics are listed once in `MATRIX_METRICS` (key, label, table column, formula, function):
 the callback's logged scalars, ``metrics.json`` curves, the rich table, the heatmap title and ``cdl compare`` all
@@ -47,7 +47,7 @@ __all__ = [
     "last_filled_row",
     "metric_curves",
     "reference_forgetting",
-    "task_accuracy",
+    "per_task_accuracy",
 ]
 
 
@@ -103,11 +103,11 @@ def _task_accuracy_compute(correct: Tensor, total: Tensor) -> Tensor:
     return torch.where(total > 0, 100.0 * correct / total_f.clamp_min(1), torch.full_like(correct, torch.nan))
 
 
-def task_accuracy(preds_or_logits: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
+def per_task_accuracy(preds_or_logits: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
     """Top-1 accuracy (%) of each task on one batch: ``(num_tasks,)`` float32, ``NaN`` for tasks without samples.
 
     Example:
-        >>> task_accuracy(torch.tensor([1, 0, 3]), torch.tensor([1, 1, 3]), torch.tensor([0, 0, 1]), num_tasks=2)
+        >>> per_task_accuracy(torch.tensor([1, 0, 3]), torch.tensor([1, 1, 3]), torch.tensor([0, 0, 1]), num_tasks=2)
         tensor([ 50., 100.])
     """
     return _task_accuracy_compute(*_task_accuracy_update(preds_or_logits, targets, task_ids, num_tasks))
