@@ -166,7 +166,7 @@ class ContinualDataModule(LightningDataModule):
 
     def task_classes(self, task: int) -> range:
         """Remapped labels of ``task``."""
-        return range(self.task_offsets[task], self.task_offsets[task] + self.task_sizes[task])
+        return self.task_schedule.classes(task)
 
     def targets(self, split: Split) -> np.ndarray:
         """Remapped label of every sample of the source's ``split`` (source order; reads labels, no images)."""
