@@ -131,6 +131,10 @@ class DKD(DistillationMethod):
         tckd_weight: DKD's alpha (reference 1).
         nckd_weight: DKD's beta (reference 4).
         dkd_temperature: DKD's temperature (reference 4); the method's ``temperature``.
+
+    DKD once also took a ``temperature`` it never used; ``cdl validate --ckpt_path`` refuses checkpoints that still
+    name it ("Option 'temperature' is not accepted"): delete it from the checkpoint's
+    ``hyper_parameters["method"]["init_args"]``.
     """
 
     needs_teacher = True
