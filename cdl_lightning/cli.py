@@ -25,9 +25,9 @@ def _product(num_tasks: int, epochs_per_task: int) -> int:
 
 class CDLCLI(LightningCLI):
     """LightningCLI wired for continual learning: the data module states the task split and the epochs per task
-    once; the trainer's epoch count and validation cadence and the model's task sizes, class order and class names are
-    linked from it. An evaluation callback (accuracy matrix), a checkpoint callback (``last.ckpt`` every epoch), RNG
-    state saving, TensorBoard and a rich progress bar are on by default."""
+    once; the trainer's epoch count and validation cadence and the model's `TaskSchedule` are linked from it. An
+    evaluation callback (accuracy matrix), a checkpoint callback (``last.ckpt`` every epoch), RNG state saving,
+    TensorBoard and a rich progress bar are on by default."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ContinualEvaluation, "evaluation")
@@ -38,9 +38,8 @@ class CDLCLI(LightningCLI):
                              "checkpoint.enable_version_counter": False})
         parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_product)
         parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch")
-        parser.link_arguments("data.epochs_per_task", "model.init_args.epochs_per_task")
-        for fact in ("task_sizes", "class_order", "class_names"):
-            parser.link_arguments(f"data.{fact}", f"model.init_args.{fact}", apply_on="instantiate")
+        # the task sequence (sizes, class order and names, epochs per task) is built by the data module and linked once
+        parser.link_arguments("data.task_schedule", "model.init_args.task_schedule", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config disables progress bars or brings its own."""

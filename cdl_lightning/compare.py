@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cdl_lightning.metrics.functional import MATRIX_METRICS
+
 
 def load_metrics(run_dir: str) -> dict[str, Any]:
     """Read ``metrics.json`` written by `ContinualEvaluation` in a run folder (or the file itself)."""
@@ -27,7 +29,7 @@ def _fmt(value: Any) -> str:
 
 
 def compare(run_dirs: list[str], names: list[str] | None = None, console: Console | None = None) -> list[dict]:
-    """Print each run's accuracy matrix and a summary table of final average accuracy / forgetting."""
+    """Print each run's accuracy matrix and a summary table of each run's final metrics (`MATRIX_METRICS`)."""
     console = console or Console(width=max(Console().width, 100))  # tables stay whole in logs and pipes
     names = names or [Path(d).name or d for d in run_dirs]
     results = [load_metrics(d) for d in run_dirs]
@@ -41,12 +43,12 @@ def compare(run_dirs: list[str], names: list[str] | None = None, console: Consol
             table.add_row(str(t), *[_fmt(v) for v in row])
         console.print(table)
     summary = Table(title="final average accuracy / forgetting (%)")
-    for column in ("run", "avg acc", "forgetting", "ref. forgetting", "BWT"):
-        summary.add_column(column, justify="right" if column != "run" else "left")
+    summary.add_column("run", justify="left")
+    for metric in MATRIX_METRICS:
+        summary.add_column(metric.column, justify="right")
     for name, result in zip(names, results):
         final = result["final"]
-        summary.add_row(name, _fmt(final.get("avg_acc")), _fmt(final.get("forgetting")),
-                        _fmt(final.get("ref_forgetting")), _fmt(final.get("bwt")))
+        summary.add_row(name, *[_fmt(final.get(metric.key)) for metric in MATRIX_METRICS])
     console.print(summary)
     return results
 

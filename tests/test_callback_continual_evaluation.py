@@ -283,6 +283,72 @@ def test_defaults_from_hparams_output_styles_and_errors(tmp_path):
         make_trainer(tmp_path, [callback]).fit(LinearClassifier(output_style="none"), datamodule=ToyTasks())
 
 
+def test_task_counts_from_a_task_schedule_attributes_or_hparams():
+    from types import SimpleNamespace
+
+    from cdl_lightning.callbacks.protocols import HasTaskSchedule, resolve_task_counts
+    from cdl_lightning.tasks import TaskSchedule
+
+    scheduled = SimpleNamespace(task_schedule=TaskSchedule((2, 2, 2), epochs_per_task=4))
+    assert isinstance(scheduled, HasTaskSchedule) and not isinstance(SimpleNamespace(), HasTaskSchedule)
+    wanted = {"num_tasks": None, "epochs_per_task": None}
+    assert resolve_task_counts(wanted, scheduled, None) == {"num_tasks": 3, "epochs_per_task": 4}
+    # an argument wins; the data module before the module; attributes, then hparams
+    assert resolve_task_counts({"num_tasks": 5, "epochs_per_task": None}, scheduled, None)["num_tasks"] == 5
+    with_attributes = SimpleNamespace(num_tasks=7, epochs_per_task=1)
+    assert resolve_task_counts(wanted, with_attributes, scheduled) == {"num_tasks": 7, "epochs_per_task": 1}
+    module = SimpleNamespace(hparams={"num_tasks": 2, "epochs_per_task": 3})
+    assert resolve_task_counts(wanted, None, module) == {"num_tasks": 2, "epochs_per_task": 3}
+    with pytest.raises(ValueError, match="needs `epochs_per_task`"):
+        resolve_task_counts(wanted, SimpleNamespace(num_tasks=2), None)
+
+
+def test_accuracy_matrix_rows_summary_and_state():
+    from cdl_lightning.callbacks._accuracy_matrix import AccuracyMatrix
+    from cdl_lightning.metrics import MATRIX_METRICS
+
+    matrix = AccuracyMatrix(3)
+    row = matrix.fill_row(0, torch.tensor([9, 0, 0]), torch.tensor([10, 0, 4]))  # task 2's samples are ignored
+    assert_same_matrix(row, [90.0, math.nan, math.nan])
+    matrix.fill_row(1, torch.tensor([6, 7, 0]), torch.tensor([10, 10, 0]))
+    assert matrix.filled_rows == [0, 1] and matrix.last_counts == {"task": 1, "correct": [6, 7, 0],
+                                                                    "total": [10, 10, 0]}
+    summary = matrix.summary(epochs_per_task=2)
+    assert summary["final"] == {"task": 1, **{m.key: summary["curves"][m.key][1] for m in MATRIX_METRICS}}
+    assert summary["final"]["avg_acc"] == pytest.approx(65.0) and summary["final"]["forgetting"] == pytest.approx(30.0)
+    restored = AccuracyMatrix.from_state_dict(matrix.state_dict())
+    assert_same_matrix(restored.values, matrix.values) and restored.filled == [True, True, False]
+    with pytest.raises(ValueError, match="Malformed"):
+        AccuracyMatrix.from_state_dict({"num_tasks": 2, "matrix": [[1.0]], "filled": [True, False]})
+    with pytest.raises(IndexError, match="row 3 out of range"):
+        matrix.fill_row(3, torch.zeros(3), torch.zeros(3))
+
+
+def test_table_title_and_compare_show_every_registered_metric(tmp_path):
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cdl_lightning.callbacks._accuracy_report import heatmap_title, summary_table
+    from cdl_lightning.compare import compare
+    from cdl_lightning.metrics import MATRIX_METRICS, metric_curves
+
+    values = [[90.0, math.nan], [80.0, 70.0]]
+    curves = metric_curves(values)
+    assert list(curves) == [m.key for m in MATRIX_METRICS]
+    table = summary_table(torch.tensor(values).numpy(), curves)
+    assert [c.header for c in table.columns][-len(MATRIX_METRICS):] == [m.column for m in MATRIX_METRICS]
+    assert all(escape(m.formula) in str(table.caption) for m in MATRIX_METRICS)
+    final = {m.key: curves[m.key][1] for m in MATRIX_METRICS}
+    assert heatmap_title(1, final) == "after task 1: " + ", ".join(f"{m.column} {final[m.key]:.2f}"
+                                                                    for m in MATRIX_METRICS)
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy_matrix": [[90.0, None], [80.0, 70.0]],
+                                                       "final": final}))
+    console = Console(record=True, width=160)
+    compare([str(tmp_path)], ["run"], console=console)
+    text = console.export_text()
+    assert all(m.column in text for m in MATRIX_METRICS) and f"{final['forgetting']:.2f}" in text
+
+
 def test_ddp_matrix_equals_single_process(tmp_path):
     single = run_fixed_weights(tmp_path / "single", devices=1)
     env = {

@@ -252,6 +252,8 @@ def test_trainer_and_model_kwargs_state_the_data_facts_once():
     assert dm.trainer_kwargs() == {"max_epochs": 12, "check_val_every_n_epoch": 4,
                                    "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0}
     kwargs = dm.model_kwargs()
-    assert kwargs["task_sizes"] == [2, 2, 2] and kwargs["epochs_per_task"] == 4
-    assert sorted(kwargs["class_order"]) == list(range(6)) and kwargs["class_order"] == dm.class_order
-    assert kwargs["class_names"] == dm.class_names
+    assert list(kwargs) == ["task_schedule"] and kwargs["task_schedule"] is dm.task_schedule
+    schedule = dm.task_schedule.to_dict()
+    assert schedule["task_sizes"] == [2, 2, 2] and schedule["epochs_per_task"] == 4
+    assert sorted(schedule["class_order"]) == list(range(6)) and schedule["class_order"] == dm.class_order
+    assert schedule["class_names"] == dm.class_names

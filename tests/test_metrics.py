@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from cdl_lightning.metrics import (
+    MATRIX_METRICS,
     TaskAccuracy,
     average_accuracy,
     backward_transfer,
     forgetting,
     last_filled_row,
     metric_curves,
+    per_task_accuracy,
     reference_forgetting,
 )
+from cdl_lightning.metrics.functional import _task_accuracy_compute, _task_accuracy_update
 
 NAN = math.nan
 
@@ -47,6 +50,21 @@ def test_task_accuracy_counts_match_hand_computation():
     assert accuracy.dtype == torch.float32
     assert accuracy[:2].tolist() == pytest.approx([75.0, 200.0 / 3.0])
     assert math.isnan(accuracy[2].item())  # no sample of task 2
+
+
+def test_functional_task_accuracy_is_what_the_metric_computes():
+    preds, targets = torch.tensor([0, 1, 1, 3, 2]), torch.tensor([0, 1, 0, 2, 2])
+    task_ids = torch.tensor([0, 0, 0, 1, 1])
+    correct, total = _task_accuracy_update(preds, targets, task_ids, num_tasks=3)
+    assert correct.tolist() == [2, 1, 0] and total.tolist() == [3, 2, 0]
+    metric = TaskAccuracy(3)
+    metric.update(preds, targets, task_ids)
+    torch.testing.assert_close(metric.compute(), per_task_accuracy(preds, targets, task_ids, 3), equal_nan=True)
+    accuracy = _task_accuracy_compute(correct.double(), total.double())  # float counts keep their dtype
+    assert accuracy.dtype == torch.float64 and accuracy[:2].tolist() == [200.0 / 3.0, 50.0]
+    assert math.isnan(accuracy[2].item())
+    with pytest.raises(ValueError, match="Task ids must lie in"):
+        _task_accuracy_update(preds, targets, task_ids + 2, num_tasks=3)
 
 
 def test_task_accuracy_logits_equal_predictions():
@@ -123,6 +141,14 @@ def test_backward_transfer():
     assert backward_transfer(R, 1) == -10.0  # 80 - 90
     assert backward_transfer(R, 2) == -17.5  # ((60 - 90) + (65 - 70)) / 2
     assert backward_transfer(R_IMPROVED, 2) == -12.5  # ((60 - 80) + (65 - 70)) / 2
+
+
+def test_registry_lists_each_metric_once_with_its_function():
+    assert [m.key for m in MATRIX_METRICS] == ["avg_acc", "forgetting", "ref_forgetting", "bwt"]
+    assert len({m.column for m in MATRIX_METRICS}) == len(MATRIX_METRICS)
+    functions = [average_accuracy, forgetting, reference_forgetting, backward_transfer]
+    assert [m.fn for m in MATRIX_METRICS] == functions
+    assert metric_curves(R) == {m.key: [m.fn(R, t) for t in range(3)] for m in MATRIX_METRICS}
 
 
 def test_partial_matrix_and_curves():

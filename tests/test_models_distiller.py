@@ -25,9 +25,9 @@ from cdl_lightning.nn import (
     BackboneConfig,
     CodaPrompt,
     DeiTToken,
-    DistillationMethod,
     FitNets,
     LogitKD,
+    NoDistillation,
     ReviewKD,
 )
 
@@ -147,10 +147,10 @@ def spy_teacher_forward(distiller: Distiller) -> list[Any]:
 
 
 # ================================================================================================ every method
-@pytest.mark.parametrize("method_cls", [DistillationMethod, *TEACHER_METHODS], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("method_cls", [NoDistillation, *TEACHER_METHODS], ids=lambda c: c.__name__)
 def test_student_fit_with_every_method(teacher, tmp_path, method_cls):
     data = make_data()
-    needs_teacher = method_cls is not DistillationMethod
+    needs_teacher = method_cls is not NoDistillation
     torch.manual_seed(1)
     distiller = Distiller(
         method=method_cls(), teacher_checkpoint=teacher.last if needs_teacher else None, **student_kwargs(data)
@@ -330,6 +330,23 @@ def test_teacher_of_another_class_order_is_refused(teacher):
         Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
 
 
+def test_teacher_checkpoint_of_the_old_layout_is_read(teacher, tmp_path):
+    """Teacher checkpoints written before `TaskSchedule` stored task_sizes / class_order / class_names separately."""
+    from cdl_lightning.tasks import TaskSchedule
+
+    checkpoint = torch.load(teacher.last, map_location="cpu", weights_only=True)
+    schedule = checkpoint["cdl"].pop("task_schedule")
+    checkpoint["cdl"].update({key: schedule[key] for key in ("task_sizes", "class_order", "class_names")})
+    del checkpoint["hyper_parameters"]["task_schedule"]
+    checkpoint["hyper_parameters"].update(schedule)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    run = TeacherRun(str(tmp_path / "old.ckpt"))
+    assert run.task_schedule == TaskSchedule.from_dict(schedule) == TeacherRun(teacher.last).task_schedule
+    run.check_matches(make_data().task_schedule)
+    with pytest.raises(ValueError, match="tasks of sizes"):
+        run.check_matches(TaskSchedule((2, 6)))
+
+
 def test_unfinished_teacher_is_refused(teacher):
     run = TeacherRun(teacher.first_task)  # written after task 0: one snapshot of two
     assert len(run.snapshots) == 1
@@ -352,7 +369,7 @@ def test_method_needing_a_teacher_without_checkpoint(method_cls):
 
 def test_none_method_needs_no_teacher():
     distiller = Distiller(**student_kwargs(make_data()))
-    assert type(distiller.method) is DistillationMethod
+    assert type(distiller.method) is NoDistillation
     assert distiller.teacher is None and distiller.share_query is False
 
 

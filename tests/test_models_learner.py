@@ -175,8 +175,10 @@ def test_checkpoint_holds_the_snapshots(coda_run):
     for saved, live in zip(snapshots, coda_run.model.task_snapshots, strict=True):
         assert states_equal(saved, live)
     assert checkpoint["cdl"]["opened_task"] == 1
-    assert checkpoint["cdl"]["task_sizes"] == [4, 4]
-    assert checkpoint["cdl"]["class_order"] == list(range(CLASSES))
+    assert checkpoint["cdl"]["task_schedule"]["task_sizes"] == [4, 4]
+    assert checkpoint["cdl"]["task_schedule"]["class_order"] == list(range(CLASSES))
+    assert checkpoint["hyper_parameters"]["task_schedule"] == checkpoint["cdl"]["task_schedule"]
+    assert not {"task_sizes", "epochs_per_task", "class_names", "class_order"} & set(checkpoint["hyper_parameters"])
 
 
 def test_coda_slice_redrawn_at_task_start_and_old_slice_frozen(coda_run):

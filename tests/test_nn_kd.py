@@ -16,6 +16,7 @@ from cdl_lightning.nn import (
     FitNets,
     LogitKD,
     ModelShape,
+    NoDistillation,
     PromptedClassifier,
     ReviewKD,
 )
@@ -109,6 +110,26 @@ def test_base_method_is_masked_cross_entropy(student, images):
         DistillationMethod(alpha=1.5)
     with pytest.raises(ValueError):
         DistillationMethod(temperature=0.0)
+
+
+def test_no_distillation_is_the_base_defaults_without_weights(student, images):
+    method = NoDistillation()
+    method.bind(shape(student), None)
+    assert list(method.parameters()) == [] and not method.needs_teacher and method.alpha == 0.0
+    assert method.spec() == {"class_path": "cdl_lightning.nn.kd.NoDistillation", "init_args": {}}
+    out = student_forward(method, student, images)
+    torch.testing.assert_close(method.loss(out, None, TARGETS, START, STOP), hand_ce(out.logits), atol=1e-6, rtol=0)
+    assert torch.equal(method.logits(out), out.logits)
+
+
+def test_parameters_created_by_bind_are_declared_in_the_constructor(student, teacher):
+    declared = {FitNets: ["adapter"], ReviewKD: ["units"], DeiTToken: ["token", "kd_head"],
+                KDP: ["token", "kd_head", "prefixes", "layers"]}
+    for cls, names in declared.items():
+        method = cls()
+        assert all(getattr(method, name) is None for name in names), cls
+        method.bind(shape(student), shape(teacher))
+        assert all(getattr(method, name) is not None for name in names), cls
 
 
 def test_model_shape_and_bind_create_parameters(student, teacher):
@@ -241,7 +262,7 @@ def test_logit_kd_loss_by_hand(student, teacher, teacher_out, images):
 
 def test_dkd_method_uses_current_task_columns_and_local_targets(student, teacher, teacher_out, images):
     method = DKD(alpha=0.5)
-    assert (method.tckd_weight, method.nckd_weight, method.dkd_temperature) == (1.0, 4.0, 4.0)
+    assert (method.tckd_weight, method.nckd_weight, method.temperature) == (1.0, 4.0, 4.0)
     method.bind(shape(student), shape(teacher))
     out = student_forward(method, student, images)
     s, t = out.logits[:, START:STOP], teacher_out.logits[:, START:STOP]

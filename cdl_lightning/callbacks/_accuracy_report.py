@@ -1,7 +1,8 @@
 """Rendering of an accuracy matrix: CSV text, JSON-safe values, a heatmap image and a rich table.
 
 Helpers of :class:`~cdl_lightning.callbacks.continual_evaluation.ContinualEvaluation`; pure functions of the matrix
-(``T x T`` float array, ``NaN`` where empty) and the summary dict, with no Lightning dependency.
+(``T x T`` float array, ``NaN`` where empty) and the summary dict, with no Lightning dependency. Metric names, columns
+and formulas come from `cdl_lightning.metrics.MATRIX_METRICS`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from cdl_lightning.metrics.functional import MATRIX_METRICS
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["accuracy_matrix_csv", "json_safe", "render_heatmap", "summary_table"]
+__all__ = ["accuracy_matrix_csv", "heatmap_title", "json_safe", "render_heatmap", "summary_table"]
 
 
 def json_safe(value: Any) -> Any:
@@ -41,6 +44,12 @@ def accuracy_matrix_csv(matrix: np.ndarray) -> str:
         cells = [repr(float(v)) if math.isfinite(v) else "" for v in matrix[t]]
         lines.append(",".join([str(t), *cells]))
     return "\n".join(lines) + "\n"
+
+
+def heatmap_title(t: int, final: dict[str, Any]) -> str:
+    """``"after task t: avg acc 80.00, forgetting 5.00, ..."``: every metric, values from ``summary["final"]``."""
+    values = ", ".join(f"{metric.column} {final[metric.key]:.2f}" for metric in MATRIX_METRICS)
+    return f"after task {t}: {values}"
 
 
 def _heatmap_figure(matrix: np.ndarray, title: str) -> Figure:
@@ -95,16 +104,13 @@ def summary_table(matrix: np.ndarray, curves: dict[str, list[float]]) -> Table:
     table.add_column("t \\ j", justify="right", style="bold")
     for j in range(num_tasks):
         table.add_column(str(j), justify="right")
-    for name in ("avg acc", "forgetting", "ref forg.", "BWT"):
-        table.add_column(name, justify="right", style="cyan")
+    for metric in MATRIX_METRICS:
+        table.add_column(metric.column, justify="right", style="cyan")
     for t in range(num_tasks):
         if not np.isfinite(matrix[t]).any():
             continue
         cells = [_fmt(v) if j <= t else "" for j, v in enumerate(matrix[t])]
-        metrics = [_fmt(curves[key][t]) for key in ("avg_acc", "forgetting", "ref_forgetting", "bwt")]
+        metrics = [_fmt(curves[metric.key][t]) for metric in MATRIX_METRICS]
         table.add_row(str(t), *cells, *metrics)
-    table.caption = escape(
-        "avg acc: mean_j<=t R[t,j]; forgetting: Chaudhry et al. mean_j<t (max_l<t R[l,j] - R[t,j]); "
-        "ref forg.: CDL reference sum_j<=t (R[j,j] - R[t,j]) / (t+1); BWT: mean_j<t (R[t,j] - R[j,j])"
-    )
+    table.caption = escape("; ".join(f"{metric.column}: {metric.formula}" for metric in MATRIX_METRICS))
     return table

@@ -29,6 +29,8 @@ from cdl_lightning.data.splits import (
 )
 from cdl_lightning.data.splits import task_sizes as split_task_sizes
 from cdl_lightning.data.synthetic import SyntheticShapes
+from cdl_lightning.progress import evaluated_epoch
+from cdl_lightning.tasks import TaskSchedule
 
 __all__ = ["ContinualDataModule"]
 
@@ -124,6 +126,8 @@ class ContinualDataModule(LightningDataModule):
         self.class_names = [str(self.source.class_names[c]) for c in self.class_order]
         self.seed = seed
         self.epochs_per_task = epochs_per_task
+        self.task_schedule = TaskSchedule(self.task_sizes, epochs_per_task, self.class_order, self.class_names)
+        """The task sequence (sizes, class order and names, epochs per task) that the CLI links into the model."""
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -153,21 +157,16 @@ class ContinualDataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
     def current_task(self) -> int:
-        """Task of the trainer's current epoch: ``min(current_epoch // epochs_per_task, num_tasks - 1)`` (0 alone).
+        """Task of the trainer's epoch, ``task_schedule.task_of(epoch)`` (0 without a trainer).
 
-        Outside ``fit`` (``cdl validate --ckpt_path ...``) the loops are not restored, so the epoch says nothing; a
-        model that knows its last learned task (an integer ``current_task`` attribute, as our learners have) decides.
+        During ``fit`` the epoch is ``current_epoch``; outside it (``cdl validate --ckpt_path ...``) the last epoch
+        trained, by this trainer or by the checkpoint it evaluates (`cdl_lightning.progress.evaluated_epoch`).
         """
-        trainer = self.trainer
-        if trainer is not None and trainer.state.fn != "fit":
-            learned = getattr(trainer.lightning_module, "current_task", None)
-            if isinstance(learned, int):
-                return min(learned, self.num_tasks - 1)
-        return min(self._epoch() // self.epochs_per_task, self.num_tasks - 1)
+        return self.task_schedule.task_of(evaluated_epoch(self.trainer)) if self.trainer is not None else 0
 
     def task_classes(self, task: int) -> range:
         """Remapped labels of ``task``."""
-        return range(self.task_offsets[task], self.task_offsets[task] + self.task_sizes[task])
+        return self.task_schedule.classes(task)
 
     def targets(self, split: Split) -> np.ndarray:
         """Remapped label of every sample of the source's ``split`` (source order; reads labels, no images)."""
@@ -298,12 +297,7 @@ class ContinualDataModule(LightningDataModule):
 
     def model_kwargs(self) -> dict[str, Any]:
         """The data facts a learner takes (what the CLI links): ``PromptLearner(**dm.model_kwargs(), ...)``."""
-        return {
-            "task_sizes": list(self.task_sizes),
-            "epochs_per_task": self.epochs_per_task,
-            "class_order": list(self.class_order),
-            "class_names": list(self.class_names),
-        }
+        return {"task_schedule": self.task_schedule}
 
     # ---------------------------------------------------------------------------------------------------- reporting
     def summary(self) -> str:

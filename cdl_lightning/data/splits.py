@@ -9,7 +9,8 @@ Vocabulary used across ``cdl_lightning.data``:
 - *class order*: a permutation ``order`` of ``range(num_classes)``; ``order[i]`` is the original label that becomes
   *remapped label* ``i``. The reference code uses the natural order ``0..C-1``.
 - *task sizes*: number of classes per task; task ``t`` owns the contiguous remapped range
-  ``[offset_t, offset_t + size_t)`` with ``offset_t = sum(sizes[:t])``.
+  ``[offset_t, offset_t + size_t)`` with ``offset_t = sum(sizes[:t])`` (`cdl_lightning.tasks.task_offsets`, re-exported
+  here; `cdl_lightning.tasks.TaskSchedule` bundles sizes, order, names and epochs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
+from cdl_lightning.tasks import task_offsets, task_ranges  # computed in one place (the task schedule's module)
 
 __all__ = [
     "resolve_class_order",
@@ -126,16 +129,6 @@ def task_sizes(num_classes: int, num_tasks: int, first_task_classes: int | None 
             f"{num_tasks - 1} tasks; first_task_classes that work with num_tasks={num_tasks}: {_short(working)}"
         )
     return [first_task_classes] + [rest // (num_tasks - 1)] * (num_tasks - 1)
-
-
-def task_offsets(sizes: Sequence[int]) -> list[int]:
-    """First remapped label of each task: ``[0, s0, s0 + s1, ...]`` (length ``len(sizes)``)."""
-    return [int(x) for x in np.concatenate([[0], np.cumsum(sizes)[:-1]])] if len(sizes) else []
-
-
-def task_ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """Half-open remapped label range ``(start, stop)`` of each task."""
-    return [(o, o + int(s)) for o, s in zip(task_offsets(sizes), sizes, strict=True)]
 
 
 def inverse_class_order(class_order: Sequence[int]) -> np.ndarray:

@@ -1,4 +1,12 @@
-"""Continual-learning metrics on an accuracy matrix.
+"""Continual-learning metrics: per-task accuracy from predictions, and the metrics of an accuracy matrix.
+
+Per-task accuracy follows torchmetrics' functional pattern: `_task_accuracy_update` turns a batch into per-task counts,
+`_task_accuracy_compute` turns summed counts into accuracies; `TaskAccuracy` (the stateful, DDP-summed metric) and
+`ContinualEvaluation` both use them, and `per_task_accuracy` does both for one batch.
+
+The accuracy-matrix metrics are listed once in `MATRIX_METRICS` (key, label, table column, formula, function):
+the callback's logged scalars, ``metrics.json`` curves, the rich table, the heatmap title and ``cdl compare`` all
+read that list, so adding a metric is one function and one entry here.
 
 All functions take the accuracy matrix ``R`` of a run over ``T`` tasks: a ``T x T`` array (torch tensor, numpy array
 or nested lists) where ``R[t, j]`` is the accuracy (any unit, usually %) on the test set of task ``j`` measured after
@@ -21,13 +29,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 __all__ = [
+    "MATRIX_METRICS",
+    "MatrixMetric",
     "accuracy_matrix_to_numpy",
     "average_accuracy",
     "backward_transfer",
@@ -35,7 +47,73 @@ __all__ = [
     "last_filled_row",
     "metric_curves",
     "reference_forgetting",
+    "per_task_accuracy",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ per-task accuracy
+def _task_accuracy_update(
+    preds_or_logits: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int, validate_args: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-task ``(correct, total)`` int64 counts ``(num_tasks,)`` of one batch, on the device of ``targets``.
+
+    Args:
+        preds_or_logits: ``(B, C)`` logits or scores (the prediction is their ``argmax``) or ``(B,)`` class predictions.
+        targets: ``(B,)`` integer class labels.
+        task_ids: ``(B,)`` integer task id of each sample, in ``[0, num_tasks)``.
+        num_tasks: number of tasks ``T``.
+        validate_args: check shapes, dtypes and the task-id range (one device sync).
+    """
+    preds = preds_or_logits.argmax(dim=-1) if preds_or_logits.ndim == 2 else preds_or_logits
+    device = targets.device
+    preds, task_ids = preds.to(device), task_ids.to(device)
+    if validate_args:
+        _check_task_accuracy_args(preds, targets, task_ids, num_tasks)
+    hits = preds == targets
+    # (B, T) membership mask: deterministic, device-agnostic and sync-free (no scatter, no bincount).
+    member = task_ids.long().unsqueeze(1) == torch.arange(num_tasks, device=device)
+    return (member & hits.unsqueeze(1)).sum(dim=0), member.sum(dim=0)
+
+
+def _check_task_accuracy_args(preds: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int) -> None:
+    if preds.ndim != 1 or targets.ndim != 1 or task_ids.ndim != 1:
+        raise ValueError(
+            "Expected logits (B, C) or predictions (B,), targets (B,) and task_ids (B,); got shapes "
+            f"{tuple(preds.shape)} (after argmax), {tuple(targets.shape)}, {tuple(task_ids.shape)}."
+        )
+    if not preds.shape[0] == targets.shape[0] == task_ids.shape[0]:
+        raise ValueError(
+            f"Batch sizes differ: preds {preds.shape[0]}, targets {targets.shape[0]}, task_ids {task_ids.shape[0]}."
+        )
+    if task_ids.is_floating_point() or targets.is_floating_point():
+        raise ValueError("`targets` and `task_ids` must be integer tensors.")
+    if task_ids.numel() and bool(((task_ids < 0) | (task_ids >= num_tasks)).any()):
+        raise ValueError(
+            f"Task ids must lie in [0, {num_tasks}); got values in [{int(task_ids.min())}, {int(task_ids.max())}]."
+        )
+
+
+def _task_accuracy_compute(correct: Tensor, total: Tensor) -> Tensor:
+    """Per-task accuracy in percent, ``100 * correct / total``; ``NaN`` for tasks without samples.
+
+    Floating-point counts keep their dtype (the callback passes float64), integer counts give float32.
+    """
+    dtype = correct.dtype if correct.is_floating_point() else torch.float32
+    correct, total_f = correct.to(dtype), total.to(dtype)
+    return torch.where(total > 0, 100.0 * correct / total_f.clamp_min(1), torch.full_like(correct, torch.nan))
+
+
+def per_task_accuracy(preds_or_logits: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int) -> Tensor:
+    """Top-1 accuracy (%) of each task on one batch: ``(num_tasks,)`` float32, ``NaN`` for tasks without samples.
+
+    Example:
+        >>> per_task_accuracy(torch.tensor([1, 0, 3]), torch.tensor([1, 1, 3]), torch.tensor([0, 0, 1]), num_tasks=2)
+        tensor([ 50., 100.])
+    """
+    return _task_accuracy_compute(*_task_accuracy_update(preds_or_logits, targets, task_ids, num_tasks))
+
+
+# ------------------------------------------------------------------------------------------ accuracy-matrix metrics
 
 
 def accuracy_matrix_to_numpy(matrix: torch.Tensor | np.ndarray | Sequence[Sequence[float | None]]) -> np.ndarray:
@@ -182,23 +260,49 @@ def backward_transfer(matrix: Any, t: int | None = None) -> float:
     return float(np.mean(array[row, :row] - np.diagonal(array)[:row]))
 
 
+@dataclass(frozen=True)
+class MatrixMetric:
+    """One metric of the accuracy matrix, with every name it is shown under.
+
+    Args:
+        key: identifier: logged as ``cl/{key}``, the key in ``metrics.json`` (``curves`` and ``final``).
+        label: words for titles and plots (``"average accuracy"``).
+        column: short table column header (``"avg acc"``).
+        formula: the formula in plain text, for table captions.
+        fn: ``fn(matrix, t) -> float``, the metric of row ``t``.
+    """
+
+    key: str
+    label: str
+    column: str
+    formula: str
+    fn: Callable[[Any, int | None], float]
+
+
+MATRIX_METRICS: tuple[MatrixMetric, ...] = (
+    MatrixMetric("avg_acc", "average accuracy", "avg acc", "mean_j<=t R[t,j]", average_accuracy),
+    MatrixMetric("forgetting", "forgetting", "forgetting",
+                 "Chaudhry et al. mean_j<t (max_l<t R[l,j] - R[t,j])", forgetting),
+    MatrixMetric("ref_forgetting", "reference forgetting", "ref. forgetting",
+                 "CDL reference sum_j<=t (R[j,j] - R[t,j]) / (t+1)", reference_forgetting),
+    MatrixMetric("bwt", "backward transfer", "BWT", "mean_j<t (R[t,j] - R[j,j])", backward_transfer),
+)
+"""Every accuracy-matrix metric, in display order: the one list that logging, files, tables and ``cdl compare`` use."""
+
+
 def metric_curves(matrix: Any) -> dict[str, list[float]]:
-    """Every metric of this module for every row of ``matrix``.
+    """Every metric of `MATRIX_METRICS` for every row of ``matrix``.
 
     Args:
         matrix: ``T x T`` accuracy matrix (see module docstring).
 
     Returns:
-        ``{"avg_acc", "forgetting", "ref_forgetting", "bwt"}`` -> list of ``T`` floats (``NaN`` for unfilled rows).
+        ``{key: list of T floats}`` for every metric key (``avg_acc``, ``forgetting``, ``ref_forgetting``, ``bwt``),
+        ``NaN`` for unfilled rows.
     """
     array = accuracy_matrix_to_numpy(matrix)
     filled = np.isfinite(array).any(axis=1)
-    functions = {
-        "avg_acc": average_accuracy,
-        "forgetting": forgetting,
-        "ref_forgetting": reference_forgetting,
-        "bwt": backward_transfer,
-    }
     return {
-        name: [fn(array, t) if filled[t] else math.nan for t in range(array.shape[0])] for name, fn in functions.items()
+        metric.key: [metric.fn(array, t) if filled[t] else math.nan for t in range(array.shape[0])]
+        for metric in MATRIX_METRICS
     }

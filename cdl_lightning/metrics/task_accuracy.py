@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from cdl_lightning.metrics.functional import _task_accuracy_compute, _task_accuracy_update
+
 __all__ = ["TaskAccuracy"]
 
 
@@ -52,7 +54,7 @@ class TaskAccuracy(Metric):
         self.add_state("total", default=torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds_or_logits: Tensor, targets: Tensor, task_ids: Tensor) -> None:
-        """Count one batch.
+        """Count one batch (see `_task_accuracy_update`).
 
         Args:
             preds_or_logits: ``(B, C)`` logits or scores (the prediction is their ``argmax`` over ``C``) or ``(B,)``
@@ -60,34 +62,12 @@ class TaskAccuracy(Metric):
             targets: ``(B,)`` integer class labels.
             task_ids: ``(B,)`` integer task id of each sample, in ``[0, num_tasks)``.
         """
-        preds = preds_or_logits.argmax(dim=-1) if preds_or_logits.ndim == 2 else preds_or_logits
         device = self.total.device
-        preds, targets, task_ids = preds.to(device), targets.to(device), task_ids.to(device)
-        if self.validate_args:
-            self._check(preds, targets, task_ids)
-        hits = preds == targets
-        # (B, T) membership mask: deterministic, device-agnostic and sync-free (no scatter, no bincount).
-        member = task_ids.long().unsqueeze(1) == torch.arange(self.num_tasks, device=device)
-        self.total += member.sum(dim=0)
-        self.correct += (member & hits.unsqueeze(1)).sum(dim=0)
-
-    def _check(self, preds: Tensor, targets: Tensor, task_ids: Tensor) -> None:
-        if preds.ndim != 1 or targets.ndim != 1 or task_ids.ndim != 1:
-            raise ValueError(
-                "Expected logits (B, C) or predictions (B,), targets (B,) and task_ids (B,); got shapes "
-                f"{tuple(preds.shape)} (after argmax), {tuple(targets.shape)}, {tuple(task_ids.shape)}."
-            )
-        if not preds.shape[0] == targets.shape[0] == task_ids.shape[0]:
-            raise ValueError(
-                f"Batch sizes differ: preds {preds.shape[0]}, targets {targets.shape[0]}, task_ids {task_ids.shape[0]}."
-            )
-        if task_ids.is_floating_point() or targets.is_floating_point():
-            raise ValueError("`targets` and `task_ids` must be integer tensors.")
-        if task_ids.numel() and bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
-            raise ValueError(
-                f"Task ids must lie in [0, {self.num_tasks}); got values in "
-                f"[{int(task_ids.min())}, {int(task_ids.max())}]."
-            )
+        correct, total = _task_accuracy_update(
+            preds_or_logits, targets.to(device), task_ids, self.num_tasks, self.validate_args
+        )
+        self.correct += correct
+        self.total += total
 
     def counts(self) -> tuple[Tensor, Tensor]:
         """Per-task ``(correct, total)`` counts, summed over all processes when running distributed.
@@ -107,5 +87,4 @@ class TaskAccuracy(Metric):
         Returns:
             ``(num_tasks,)`` float32 tensor.
         """
-        correct, total = self.correct.float(), self.total.float()
-        return torch.where(self.total > 0, 100.0 * correct / total.clamp_min(1), torch.full_like(correct, torch.nan))
+        return _task_accuracy_compute(self.correct, self.total)

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from cdl_lightning.models.learner import PromptLearner
+from cdl_lightning.models.learner import PromptLearner, checkpoint_task_schedule
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
-from cdl_lightning.nn.kd import DistillationMethod, ModelShape
+from cdl_lightning.nn.kd import DistillationMethod, ModelShape, NoDistillation
 from cdl_lightning.nn.prompts.base import build_prompt_pool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
+from cdl_lightning.tasks import TaskSchedule
 
 
 class TeacherRun:
@@ -36,8 +37,7 @@ class TeacherRun:
         self.path = str(file)
         self.hparams: dict[str, Any] = dict(checkpoint["hyper_parameters"])
         cdl = checkpoint["cdl"]
-        self.task_sizes: list[int] = list(cdl["task_sizes"])
-        self.class_order: list[int] | None = cdl["class_order"]
+        self.task_schedule: TaskSchedule = checkpoint_task_schedule(checkpoint)
         self.prompt_spec: dict[str, Any] | None = cdl["prompt_spec"]
         self.snapshots: list[dict[str, Tensor]] = cdl["task_snapshots"]
         self.backbone: BackboneConfig = as_backbone_config(self.hparams["backbone"])
@@ -47,19 +47,22 @@ class TeacherRun:
     def query_identity(self) -> tuple:
         return (self.query_backbone or self.backbone).identity()
 
-    def check_matches(self, task_sizes: list[int], class_order: list[int] | None) -> None:
-        """Refuse a teacher trained on another task split or class order, or one that did not finish."""
-        if self.task_sizes != list(task_sizes):
-            raise ValueError(f"teacher {self.path} was trained on tasks of sizes {self.task_sizes}, the student's data "
-                             f"has {list(task_sizes)}: use the same data settings (num_tasks, first_task_classes, "
-                             "source) for teacher and student")
-        if class_order is not None and self.class_order is not None and list(class_order) != list(self.class_order):
+    def check_matches(self, student: TaskSchedule) -> None:
+        """Refuse a teacher trained on another task split or class order than the ``student``'s, or one that did not
+        finish (the epochs per task and class names may differ)."""
+        teacher = self.task_schedule
+        if teacher.task_sizes != student.task_sizes:
+            raise ValueError(f"teacher {self.path} was trained on tasks of sizes {list(teacher.task_sizes)}, the "
+                             f"student's data has {list(student.task_sizes)}: use the same data settings (num_tasks, "
+                             "first_task_classes, source) for teacher and student")
+        orders = teacher.class_order, student.class_order
+        if None not in orders and orders[0] != orders[1]:
             raise ValueError(f"teacher {self.path} used another class order than the student's data (first labels "
-                             f"{list(self.class_order)[:5]} vs {list(class_order)[:5]}): use the same class_order and "
-                             "seed for both runs")
-        if len(self.snapshots) < len(task_sizes):
-            raise ValueError(f"teacher {self.path} has snapshots of {len(self.snapshots)} of {len(task_sizes)} tasks: "
-                             "let the teacher run finish (or resume it) before distilling")
+                             f"{list(orders[0][:5])} vs {list(orders[1][:5])}): use the same class_order and seed for "
+                             "both runs")
+        if len(self.snapshots) < student.num_tasks:
+            raise ValueError(f"teacher {self.path} has snapshots of {len(self.snapshots)} of {student.num_tasks} "
+                             "tasks: let the teacher run finish (or resume it) before distilling")
 
     def build(self, query_encoder: PromptedViT | None) -> PromptedClassifier:
         """The frozen teacher network (eval mode, no grad); ``query_encoder`` is shared with the student if given."""
@@ -67,7 +70,7 @@ class TeacherRun:
         if query_encoder is None and self.query_backbone is not None:
             query_encoder = self.query_backbone.build()
         prompt = build_prompt_pool(self.prompt_spec) if self.prompt_spec is not None else None
-        teacher = PromptedClassifier(backbone, sum(self.task_sizes), prompt, query_encoder)
+        teacher = PromptedClassifier(backbone, self.task_schedule.num_classes, prompt, query_encoder)
         teacher.requires_grad_(False)
         return teacher.eval()
 
@@ -87,8 +90,8 @@ class Distiller(PromptLearner):
     query from the same frozen ViT, the query pass runs once and is shared.
 
     Args:
-        method: the distillation method (`DistillationMethod` = none, `LogitKD`, `DKD`, `FitNets`, `ReviewKD`,
-            `DeiTToken`, `KDP`).
+        method: the distillation method (`NoDistillation` = the student alone, `LogitKD`, `DKD`, `FitNets`,
+            `ReviewKD`, `DeiTToken`, `KDP`, or your `DistillationMethod` subclass); ``None`` = `NoDistillation`.
         teacher_checkpoint: the teacher run's final checkpoint; required by every method but ``none``.
         teacher_prompt_mode: ``"eval"`` runs the teacher's prompt selection as at evaluation (key matching), ``"train"``
             as in training (true task id for DualPrompt).
@@ -103,7 +106,7 @@ class Distiller(PromptLearner):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # its save_hyperparameters() also records this class's arguments
-        method = method if method is not None else DistillationMethod()
+        method = method if method is not None else NoDistillation()
         self.teacher_prompt_mode = teacher_prompt_mode
         self.teacher_run: TeacherRun | None = None
         teacher: PromptedClassifier | None = None
@@ -113,7 +116,7 @@ class Distiller(PromptLearner):
                 raise ValueError(f"{type(method).__name__} distils from a teacher: set `teacher_checkpoint` to a "
                                  "finished teacher run's checkpoint")
             self.teacher_run = TeacherRun(teacher_checkpoint)
-            self.teacher_run.check_matches(self.task_sizes, self.hparams.class_order)
+            self.teacher_run.check_matches(self.task_schedule)
             student_query = self.query_config or self.backbone_config
             self.share_query = self.teacher_run.query_identity == student_query.identity()
             shared = self.classifier.query_encoder or self.classifier.backbone if self.share_query else None

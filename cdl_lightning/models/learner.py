@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -14,9 +14,10 @@ from typing_extensions import override
 
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
-from cdl_lightning.nn.kd import DistillationMethod
+from cdl_lightning.nn.kd import DistillationMethod, NoDistillation
 from cdl_lightning.nn.prompts.base import PromptPool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
+from cdl_lightning.tasks import TaskSchedule
 
 PromptFactory = Callable[[int, int, int], PromptPool]
 """Builds a prompt pool from ``(embed_dim, key_dim, num_tasks)``; in YAML a ``class_path`` with ``init_args``."""
@@ -35,6 +36,57 @@ def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = 
     return math.cos(99 * math.pi * i / (200 * (epochs_per_task - 1)))
 
 
+def as_task_schedule(
+    task_schedule: TaskSchedule | Mapping[str, Any] | None,
+    task_sizes: list[int] | None = None,
+    epochs_per_task: int | None = None,
+    class_names: list[str] | None = None,
+    class_order: list[int] | None = None,
+) -> TaskSchedule:
+    """The learner's `TaskSchedule`, from the schedule itself (or its `TaskSchedule.to_dict` form) and/or the separate
+    facts that learners took before the schedule existed (Python callers, hyper-parameters of older checkpoints).
+
+    Raises:
+        ValueError: no task sizes at all, or separate facts that contradict the schedule.
+    """
+    if task_schedule is None:
+        if not task_sizes:
+            raise ValueError("task_schedule is required (classes per task, epochs per task, class order and names): "
+                             "`cdl` links it from the data module; from Python pass `task_schedule=datamodule."
+                             "task_schedule` (or `**datamodule.model_kwargs()`)")
+        return TaskSchedule(tuple(task_sizes), epochs_per_task or 1, class_order, class_names or None)
+    schedule = TaskSchedule.from_dict(task_schedule)
+    given = {"task_sizes": task_sizes, "epochs_per_task": epochs_per_task, "class_order": class_order,
+             "class_names": class_names}
+    facts = schedule.to_dict()
+    clashes = [name for name, value in given.items()
+               if value is not None and facts[name] is not None and _plain(value) != facts[name]]
+    if clashes:
+        raise ValueError(f"{', '.join(clashes)} given next to a task_schedule that says otherwise "
+                         f"({', '.join(f'{n}={_plain(given[n])!r:.60} vs {facts[n]!r:.60}' for n in clashes)}): "
+                         "the data differ from those the model (or checkpoint) was made for; pass the schedule alone")
+    return schedule
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+_OLD_TASK_FACTS = ("task_sizes", "epochs_per_task", "class_names", "class_order")
+"""The learner arguments that `TaskSchedule` replaced (still accepted)."""
+
+
+def checkpoint_task_schedule(checkpoint: Mapping[str, Any]) -> TaskSchedule:
+    """The task schedule a learner checkpoint was written with: its ``cdl["task_schedule"]``, or for checkpoints
+    written before the schedule existed, their separate ``task_sizes`` / ``class_order`` / ``class_names`` (and the
+    hyper-parameters' ``epochs_per_task``)."""
+    cdl = checkpoint["cdl"]
+    if "task_schedule" in cdl:
+        return TaskSchedule.from_dict(cdl["task_schedule"])
+    epochs = checkpoint.get("hyper_parameters", {}).get("epochs_per_task") or 1
+    return TaskSchedule(tuple(cdl["task_sizes"]), epochs, cdl.get("class_order"), cdl.get("class_names") or None)
+
+
 class PromptLearner(LightningModule):
     """A prompt learner (L2P, DualPrompt, CODA-Prompt, or a linear probe) on a frozen timm ViT, over a task sequence.
 
@@ -49,10 +101,14 @@ class PromptLearner(LightningModule):
         prompt: prompt pool factory (``class_path`` + ``init_args`` in YAML); ``None`` = linear probe baseline.
         query_backbone: a separate frozen ViT for the prompt query; ``None`` = ``backbone`` itself. The CDL reference
             takes the query from a ViT of the student's architecture in both teacher and student.
-        task_sizes: classes per task (linked from the data module by the CLI).
-        epochs_per_task: epochs of each task (linked from the data module by the CLI).
-        class_names: class names in label order (linked; kept in checkpoints for ``cdl predict``).
-        class_order: original class id of each label (linked; a distiller checks its teacher against it).
+        task_schedule: the task sequence (`TaskSchedule`: classes per task, epochs per task, class order and names),
+            linked from the data module by the CLI; from Python ``task_schedule=datamodule.task_schedule``. Kept in
+            checkpoints (class names for ``cdl predict``; the class order a distiller checks its teacher against).
+        task_sizes: older form of ``task_schedule`` (with ``epochs_per_task``, ``class_names``, ``class_order``):
+            still accepted, turned into a schedule; they must agree with ``task_schedule`` when both are given.
+        epochs_per_task: see ``task_sizes``.
+        class_names: see ``task_sizes``.
+        class_order: see ``task_sizes``.
         lr: Adam learning rate (reference 1e-3).
         betas: Adam betas (reference 0.9, 0.999).
         weight_decay: Adam weight decay (reference 0).
@@ -76,10 +132,7 @@ class PromptLearner(LightningModule):
         backbone: BackboneConfig | None = None,
         prompt: PromptFactory | None = None,
         query_backbone: BackboneConfig | None = None,
-        task_sizes: list[int] | None = None,
-        epochs_per_task: int = 1,
-        class_names: list[str] | None = None,
-        class_order: list[int] | None = None,
+        task_schedule: TaskSchedule | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -88,24 +141,19 @@ class PromptLearner(LightningModule):
         compile: bool = False,
         cast_frozen_weights: bool = True,
         cuda_graphs: bool = True,
+        task_sizes: list[int] | None = None,
+        epochs_per_task: int | None = None,
+        class_names: list[str] | None = None,
+        class_order: list[int] | None = None,
     ) -> None:
         super().__init__()
-        if not task_sizes:
-            raise ValueError("task_sizes is required (classes per task); `cdl` links it from the data module, from "
-                             "Python pass `task_sizes=datamodule.task_sizes`")
-        if epochs_per_task < 1:
-            raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
+        self.task_schedule = as_task_schedule(task_schedule, task_sizes, epochs_per_task, class_names, class_order)
         backbone = as_backbone_config(backbone) or BackboneConfig()
         query_backbone = as_backbone_config(query_backbone)
-        self.save_hyperparameters(ignore=["prompt", "method"])
+        self.save_hyperparameters(ignore=["prompt", "method", "task_schedule", *_OLD_TASK_FACTS])
+        # plain values in checkpoints (weights-only loading); `cdl validate --ckpt_path` parses them back
+        self.hparams["task_schedule"] = self.task_schedule.to_dict()
         self.backbone_config, self.query_config = backbone, query_backbone
-        self.task_sizes = list(task_sizes)
-        self.offsets = [0]
-        for size in self.task_sizes:
-            self.offsets.append(self.offsets[-1] + size)
-        self.num_tasks, self.num_classes = len(self.task_sizes), self.offsets[-1]
-        self.epochs_per_task = epochs_per_task
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         vit = backbone.build()
         query_vit = query_backbone.build() if query_backbone is not None else None
         key_dim = (query_vit or vit).embed_dim
@@ -115,7 +163,7 @@ class PromptLearner(LightningModule):
         # `cdl validate|test|predict --ckpt_path` (which re-reads these hyper-parameters) rebuilds the same pool
         self.hparams["prompt"] = pool.spec(exclude=("embed_dim", "key_dim", "num_tasks")) if pool is not None else None
         self.classifier = PromptedClassifier(vit, self.num_classes, pool, query_vit)
-        self.method = DistillationMethod()
+        self.method: DistillationMethod = NoDistillation()
         self.opened_task = -1
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
@@ -124,16 +172,30 @@ class PromptLearner(LightningModule):
 
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
+    def num_tasks(self) -> int:
+        return self.task_schedule.num_tasks
+
+    @property
+    def num_classes(self) -> int:
+        return self.task_schedule.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (what `PredictionWriter` writes)."""
+        return list(self.task_schedule.names)
+
+    @property
     def current_task(self) -> int:
-        """The task being trained (during fit) or the last learned task (otherwise)."""
+        """The task being trained (during fit: ``task_schedule.task_of(current_epoch)``) or, otherwise, the last task
+        this model learned (its last snapshot or opened task: what its weights know, however they were loaded)."""
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit":
-            return min(trainer.current_epoch // self.epochs_per_task, self.num_tasks - 1)
+            return self.task_schedule.task_of(trainer.current_epoch)
         return max(len(self.task_snapshots) - 1, self.opened_task, 0)
 
     def task_range(self, task: int) -> tuple[int, int]:
         """Label range ``[start, stop)`` of a task."""
-        return self.offsets[task], self.offsets[task + 1]
+        return self.task_schedule.task_range(task)
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached copies of every trainable parameter (prompts, keys, heads, method parameters)."""
@@ -167,13 +229,14 @@ class PromptLearner(LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         trainer = self.trainer
-        last_epoch_of_task = (trainer.current_epoch + 1) % self.epochs_per_task == 0
+        last_epoch_of_task = self.task_schedule.is_last_epoch_of_task(trainer.current_epoch)
         if trainer.state.fn == "fit" and not trainer.sanity_checking and last_epoch_of_task:
             self.snapshot_task(self.current_task)
 
     @override
     def on_train_end(self) -> None:
-        if self.opened_task >= 0 and (self.trainer.current_epoch % self.epochs_per_task == 0):
+        # the fit stopped at a task boundary (``current_epoch`` is the epoch count then): the open task is complete
+        if self.opened_task >= 0 and self.task_schedule.epoch_in_task(self.trainer.current_epoch) == 0:
             self.snapshot_task(self.opened_task)
 
     def frozen_vits(self) -> list[PromptedViT]:
@@ -240,7 +303,7 @@ class PromptLearner(LightningModule):
                                run_backbone=run_backbone)
 
     def _logits_pass(self, images: Tensor, task: int) -> tuple[Tensor]:
-        return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.offsets[task + 1]],)
+        return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.task_range(task)[1]],)
 
     def forward(self, images: Tensor, task: int | None = None) -> Tensor:
         """Inference logits over the classes of tasks ``0..task`` (default: all learned so far)."""
@@ -300,9 +363,9 @@ class PromptLearner(LightningModule):
         optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
             return {"optimizer": optimizer}
-        epochs, quirk = self.epochs_per_task, hp.reference_lr_off_by_one
+        tasks, quirk = self.task_schedule, hp.reference_lr_off_by_one
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: quarter_cosine(epoch % epochs, epochs, quirk)
+            optimizer, lambda epoch: quarter_cosine(tasks.epoch_in_task(epoch), tasks.epochs_per_task, quirk)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -317,9 +380,7 @@ class PromptLearner(LightningModule):
             "opened_task": self.opened_task,
             "task_snapshots": self.task_snapshots,
             "prompt_spec": self.prompt_spec,
-            "task_sizes": self.task_sizes,
-            "class_order": self.hparams.class_order,
-            "class_names": self.class_names,
+            "task_schedule": self.task_schedule.to_dict(),
         }
 
     @override
@@ -327,8 +388,10 @@ class PromptLearner(LightningModule):
         cdl = checkpoint.get("cdl")
         if cdl is None:
             raise ValueError("this checkpoint was not written by a cdl-lightning PromptLearner/Distiller")
-        if list(cdl["task_sizes"]) != self.task_sizes:
-            raise ValueError(f"checkpoint task sizes {cdl['task_sizes']} differ from the model's {self.task_sizes}")
+        sizes = checkpoint_task_schedule(checkpoint).task_sizes
+        if sizes != self.task_schedule.task_sizes:
+            raise ValueError(f"checkpoint task sizes {list(sizes)} differ from the model's "
+                             f"{list(self.task_schedule.task_sizes)}")
         self.opened_task = cdl["opened_task"]
         self.task_snapshots = cdl["task_snapshots"]
         if self.opened_task >= 0 and self.classifier.prompt is not None:

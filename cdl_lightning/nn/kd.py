@@ -1,18 +1,23 @@
 """Distillation methods for a prompt-learner student and a frozen prompt-learner teacher (CDL, Zhang et al. 2024).
 
-Each method is a small ``nn.Module`` constructed with its hyper-parameters only; `DistillationMethod.bind` then
-creates its parameters once the widths, depths and class count of student and teacher are known (still before the
-optimizer exists, so all parameters exist from the start of training). The soft targets are the teacher's logits over
-the current task's classes, as in the CDL reference.
+`DistillationMethod` is the base class: it names the hooks the learner calls (`bind`, `start_task`, `student_inputs`,
+`logits`, `loss`) and their defaults. `NoDistillation` is the student alone; `LogitKD`, `DKD`, `FitNets`,
+`ReviewKD`, `DeiTToken` and `KDP` distil from a teacher. Each method is a small ``nn.Module`` constructed with its
+hyper-parameters only and declares there (as ``None``) the parameters that `DistillationMethod.bind` creates once the
+widths, depths and class count of student and teacher are known (still before the optimizer exists, so all parameters
+exist from the start of training). The soft targets are the teacher's logits over the current task's classes, as in
+the CDL reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from cdl_lightning.nn.classifier import ClassifierOutput
 from cdl_lightning.nn.losses import dkd_loss, feature_mse, kd_loss, mask_past_classes
@@ -39,16 +44,22 @@ class ModelShape:
 
 
 class DistillationMethod(RecordsInitArgs, nn.Module):
-    """Base class: plain cross-entropy on the student's class-token head, no teacher (the ``none`` baseline).
+    """Base class of the distillation methods: the hooks a `Distiller` (and a plain `PromptLearner`) calls.
+
+    A method overrides what it changes: `bind` (create its parameters, declared as ``None`` in its constructor),
+    `start_task`, `student_inputs` (prefixes / extra tokens), `logits` (inference) and `loss`; it sets the class
+    flags ``needs_teacher`` / ``needs_student_blocks`` / ``needs_teacher_blocks``. The defaults are cross-entropy on
+    the student's class-token head with no teacher, so the base used as is trains the student alone, like
+    `NoDistillation` (configs and checkpoints written before `NoDistillation` existed name it so).
 
     Args:
         alpha: weight of the distillation term; cross-entropy gets ``1 - alpha`` (reference 0.5).
-        temperature: softmax temperature ``T`` of the logit distillation (reference 2).
+        temperature: softmax temperature ``T`` of the soft targets (reference 2).
     """
 
-    needs_teacher: bool = False
-    needs_student_blocks: bool = False
-    needs_teacher_blocks: bool = False
+    needs_teacher: ClassVar[bool] = False
+    needs_student_blocks: ClassVar[bool] = False
+    needs_teacher_blocks: ClassVar[bool] = False
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0) -> None:
         super().__init__()
@@ -74,6 +85,7 @@ class DistillationMethod(RecordsInitArgs, nn.Module):
         return student.logits
 
     def cross_entropy(self, student: ClassifierOutput, targets: Tensor, start: int, stop: int) -> Tensor:
+        """Cross-entropy of the class-token head over the seen classes, past tasks' columns masked out."""
         return F.cross_entropy(mask_past_classes(student.logits, start, stop), targets)
 
     def loss(
@@ -83,6 +95,14 @@ class DistillationMethod(RecordsInitArgs, nn.Module):
         return self.cross_entropy(student, targets, start, stop)
 
 
+class NoDistillation(DistillationMethod):
+    """The student alone (the ``none`` baseline): cross-entropy on its class-token head, no teacher, no extra
+    parameters."""
+
+    def __init__(self) -> None:
+        super().__init__(alpha=0.0)
+
+
 class LogitKD(DistillationMethod):
     """Logit KD: ``(1 - alpha) CE + alpha T^2 KL_batchmean(softmax(t/T) || log_softmax(s/T))`` on the current-task
     logits of the student's class-token head (Hinton et al., 2015)."""
@@ -90,22 +110,31 @@ class LogitKD(DistillationMethod):
     needs_teacher = True
 
     def kd_term(self, student: ClassifierOutput, teacher: ClassifierOutput, start: int, stop: int) -> Tensor:
+        """The distillation term (before ``alpha``)."""
         return kd_loss(student.logits[:, start:stop], teacher.logits[:, start:stop], self.temperature)
 
-    def loss(self, student, teacher, targets, start, stop):
+    @override
+    def loss(
+        self, student: ClassifierOutput, teacher: ClassifierOutput | None, targets: Tensor, start: int, stop: int
+    ) -> Tensor:
+        assert teacher is not None, "a teacher-distilling method got no teacher output"
         ce = self.cross_entropy(student, targets, start, stop)
         return (1 - self.alpha) * ce + self.alpha * self.kd_term(student, teacher, start, stop)
 
 
 class DKD(DistillationMethod):
-    """Decoupled KD (Zhao et al., CVPR 2022) on the current-task logits: ``(1 - alpha) CE + alpha DKD``.
+    """Decoupled KD (Zhao et al., CVPR 2022) on the current-task logits: ``(1 - alpha) CE + alpha DKD``, with
+    ``DKD = tckd_weight * TCKD + nckd_weight * NCKD`` at temperature ``dkd_temperature`` (`dkd_loss`).
 
     Args:
         alpha: weight of the DKD term (reference 0.5).
-        temperature: unused by DKD's own term (see ``dkd_temperature``), kept for the common interface.
         tckd_weight: DKD's alpha (reference 1).
         nckd_weight: DKD's beta (reference 4).
-        dkd_temperature: DKD's temperature (reference 4).
+        dkd_temperature: DKD's temperature (reference 4); the method's ``temperature``.
+
+    DKD once also took a ``temperature`` it never used; ``cdl validate --ckpt_path`` refuses checkpoints that still
+    name it ("Option 'temperature' is not accepted"): delete it from the checkpoint's
+    ``hyper_parameters["method"]["init_args"]``.
     """
 
     needs_teacher = True
@@ -113,18 +142,21 @@ class DKD(DistillationMethod):
     def __init__(
         self,
         alpha: float = 0.5,
-        temperature: float = 2.0,
         tckd_weight: float = 1.0,
         nckd_weight: float = 4.0,
         dkd_temperature: float = 4.0,
     ) -> None:
-        super().__init__(alpha, temperature)
-        self.tckd_weight, self.nckd_weight, self.dkd_temperature = tckd_weight, nckd_weight, dkd_temperature
+        super().__init__(alpha, temperature=dkd_temperature)
+        self.tckd_weight, self.nckd_weight = tckd_weight, nckd_weight
 
-    def loss(self, student, teacher, targets, start, stop):
+    @override
+    def loss(
+        self, student: ClassifierOutput, teacher: ClassifierOutput | None, targets: Tensor, start: int, stop: int
+    ) -> Tensor:
+        assert teacher is not None, "a teacher-distilling method got no teacher output"
         ce = self.cross_entropy(student, targets, start, stop)
         dkd = dkd_loss(student.logits[:, start:stop], teacher.logits[:, start:stop], targets - start,
-                       self.tckd_weight, self.nckd_weight, self.dkd_temperature)
+                       self.tckd_weight, self.nckd_weight, self.temperature)
         return (1 - self.alpha) * ce + self.alpha * dkd
 
 
@@ -139,9 +171,14 @@ class _FeatureKD(LogitKD):
         self.feature_weight = feature_weight
 
     def feature_loss(self, student: ClassifierOutput, teacher: ClassifierOutput) -> Tensor:
-        raise NotImplementedError
+        """The feature term (before ``feature_weight``); every subclass defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define feature_loss")
 
-    def loss(self, student, teacher, targets, start, stop):
+    @override
+    def loss(
+        self, student: ClassifierOutput, teacher: ClassifierOutput | None, targets: Tensor, start: int, stop: int
+    ) -> Tensor:
+        assert teacher is not None, "a teacher-distilling method got no teacher output"
         kd = super().loss(student, teacher, targets, start, stop)
         return kd + self.feature_weight * self.feature_loss(student, teacher)
 
@@ -158,12 +195,15 @@ class FitNets(_FeatureKD):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, feature_weight: float = 0.1) -> None:
         super().__init__(alpha, temperature, feature_weight)
-        self.adapter: nn.Linear | None = None
+        self.adapter: nn.Linear | None = None  # created by `bind`
 
-    def bind(self, student, teacher):
+    @override
+    def bind(self, student: ModelShape, teacher: ModelShape | None) -> None:
+        assert teacher is not None, "FitNets needs the teacher's shape"
         self.adapter = nn.Linear(student.embed_dim, teacher.embed_dim)
 
-    def feature_loss(self, student, teacher):
+    @override
+    def feature_loss(self, student: ClassifierOutput, teacher: ClassifierOutput) -> Tensor:
         return feature_mse(self.adapter(student.blocks[-1]), teacher.blocks[-1])
 
 
@@ -205,9 +245,11 @@ class ReviewKD(_FeatureKD):
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0, feature_weight: float = 0.2) -> None:
         super().__init__(alpha, temperature, feature_weight)
-        self.units: nn.ModuleList | None = None
+        self.units: nn.ModuleList | None = None  # ABF units, created by `bind`
 
-    def bind(self, student, teacher):
+    @override
+    def bind(self, student: ModelShape, teacher: ModelShape | None) -> None:
+        assert teacher is not None, "ReviewKD needs the teacher's shape"
         if teacher.depth < student.depth:
             raise ValueError(f"ReviewKD needs a teacher at least as deep as the student ({teacher.depth} < "
                              f"{student.depth} blocks)")
@@ -223,7 +265,8 @@ class ReviewKD(_FeatureKD):
             outputs[i], residual = self.units[i](student_blocks[i], residual)
         return outputs
 
-    def feature_loss(self, student, teacher):
+    @override
+    def feature_loss(self, student: ClassifierOutput, teacher: ClassifierOutput) -> Tensor:
         fused = self.review(student.blocks)
         teacher_blocks = teacher.blocks[-len(fused):]
         return torch.stack([feature_mse(f, t) for f, t in zip(fused, teacher_blocks)]).mean()
@@ -233,19 +276,23 @@ class _ExtraTokenMethod(LogitKD):
     """Shared by the DeiT token and KDP: a KD head reads one extra token; ``(1 - alpha) CE(class-token head) +
     alpha T^2 KL(teacher || KD head)`` on the current task; inference mixes ``(1 - alpha) CLS + alpha KD``."""
 
-    token_index: int = 0
+    token_index: ClassVar[int] = 0
 
     def __init__(self, alpha: float = 0.5, temperature: float = 2.0) -> None:
         super().__init__(alpha, temperature)
-        self.kd_head: nn.Linear | None = None
+        self.token: nn.Parameter | None = None  # the extra token, created by `bind`
+        self.kd_head: nn.Linear | None = None  # created by `bind`
 
     def kd_logits(self, student: ClassifierOutput) -> Tensor:
+        """The KD head's logits, read from the extra token's final feature."""
         return self.kd_head(student.tokens[:, self.token_index])
 
-    def kd_term(self, student, teacher, start, stop):
+    @override
+    def kd_term(self, student: ClassifierOutput, teacher: ClassifierOutput, start: int, stop: int) -> Tensor:
         return kd_loss(self.kd_logits(student)[:, start:stop], teacher.logits[:, start:stop], self.temperature)
 
-    def logits(self, student):
+    @override
+    def logits(self, student: ClassifierOutput) -> Tensor:
         return (1 - self.alpha) * student.logits + self.alpha * self.kd_logits(student)
 
 
@@ -255,11 +302,13 @@ class DeiTToken(_ExtraTokenMethod):
 
     token_index = 0
 
-    def bind(self, student, teacher):
+    @override
+    def bind(self, student: ModelShape, teacher: ModelShape | None) -> None:
         self.token = nn.Parameter(torch.zeros(1, 1, student.embed_dim))
         self.kd_head = nn.Linear(student.embed_dim, student.num_classes)
 
-    def student_inputs(self):
+    @override
+    def student_inputs(self) -> StudentInputs:
         return StudentInputs(prepend=self.token)
 
 
@@ -293,8 +342,11 @@ class KDP(_ExtraTokenMethod):
             raise ValueError(f"KDP prefix_length must be even (half keys, half values), got {prefix_length}")
         self.prefix_length = prefix_length
         self.prefix_layers = prefix_layers
+        self.layers: list[int] | None = None  # the blocks with a KD prefix, resolved by `bind`
+        self.prefixes: nn.Parameter | None = None  # ``(len(layers), prefix_length, D)``, created by `bind`
 
-    def bind(self, student, teacher):
+    @override
+    def bind(self, student: ModelShape, teacher: ModelShape | None) -> None:
         layers = list(range(1, student.depth)) if self.prefix_layers is None else list(self.prefix_layers)
         if any(not 0 <= layer < student.depth for layer in layers):
             raise ValueError(f"KDP prefix_layers {layers} out of range for a {student.depth}-block student")
@@ -303,7 +355,8 @@ class KDP(_ExtraTokenMethod):
         self.prefixes = nn.Parameter(torch.rand(len(layers), self.prefix_length, student.embed_dim))
         self.kd_head = nn.Linear(student.embed_dim, student.num_classes)
 
-    def student_inputs(self):
+    @override
+    def student_inputs(self) -> StudentInputs:
         half = self.prefix_length // 2
         prefixes = {layer: (self.prefixes[i, None, :half], self.prefixes[i, None, half:])
                     for i, layer in enumerate(self.layers)}

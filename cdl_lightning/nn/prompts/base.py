@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from cdl_lightning.nn.spec import RecordsInitArgs, build_from_spec
@@ -71,10 +70,6 @@ class PromptPool(RecordsInitArgs, nn.Module):
         if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
             raise ValueError(f"{name} must be distinct non-negative block indices, got {list(layers)}")
         return tuple(layers)
-
-
-def zero_loss(reference: Tensor) -> Tensor:
-    return torch.zeros((), device=reference.device, dtype=torch.float32)
 
 
 def build_prompt_pool(spec: dict[str, Any]) -> PromptPool:
