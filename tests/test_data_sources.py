@@ -202,6 +202,12 @@ def test_select_classes_by_name_index_and_seeded_subsets():
     assert sorted(first + rest) == list(range(10))  # complementary slices: disjoint, together every class
     with pytest.raises(ValueError, match=r"unknown class name 'c33' \(did you mean 'c3'"):
         select_classes(names, ["c33"])
+    # ids (e.g. WordNet ids) and unique short names (before the first comma) name classes too
+    long_names = ["goldfish, Carassius auratus", "bullfrog, Rana", "frog, tree", "frog, tailed"]
+    ids = ["n01", "n02", "n03", "n04"]
+    assert select_classes(long_names, ["n03", "bullfrog", "goldfish, Carassius auratus"], ids) == [2, 1, 0]
+    with pytest.raises(ValueError, match=r"unknown class name 'frog' \(did you mean"):
+        select_classes(long_names, ["frog"], ids)  # ambiguous short name
     with pytest.raises(ValueError, match="listed more than once"):
         select_classes(names, ["c1", 1])
     with pytest.raises(ValueError, match=r"out of range \[0, 10\): \[12\]"):
@@ -220,7 +226,7 @@ def test_every_source_selects_classes(tmp_path, monkeypatch):
     assert labels.tolist() == [1, 1, 1, 0, 0, 0]  # source order kept, labels renumbered in selection order
     assert np.array_equal(images, full.arrays("train")[0][[0, 1, 2, 6, 7, 8]])  # the same images as the full set
     assert part.labels("test").tolist() == [1, 1, 0, 0] and part.dataset("test")[2][1] == 0
-    assert "classes=2 of 8" in repr(part)
+    assert "kept 2 of 8 classes" in repr(part)
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "a.npz", train_images=rng.integers(0, 256, (9, 4, 4, 3), dtype=np.uint8),

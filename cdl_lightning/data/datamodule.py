@@ -123,7 +123,9 @@ class ContinualDataModule(LightningDataModule):
         self.task_sizes = split_task_sizes(self.num_classes, num_tasks, first_task_classes)
         self.task_offsets = task_offsets(self.task_sizes)
         self.class_order_mode = class_order if isinstance(class_order, str) else "explicit"
-        self.class_order = resolve_class_order(self.num_classes, class_order, seed, self.source.class_names)
+        self.class_order = resolve_class_order(
+            self.num_classes, class_order, seed, self.source.class_names, getattr(self.source, "class_ids", None)
+        )
         self.class_names = [str(self.source.class_names[c]) for c in self.class_order]
         self.seed = seed
         self.epochs_per_task = epochs_per_task

@@ -48,7 +48,8 @@ class NpzSource(ArraySource):
     Args:
         path: The ``.npz`` file.
         decode_workers: Processes used to decode an encoded split (0: decode in this process).
-        classes: Keep only these classes: names (e.g. wnids) or indices, or a seeded random subset
+        classes: Keep only these classes: names, wnids (when the file has ``wnids``), the part of a name before its
+            first comma (``goldfish``) when unique, or indices; or a seeded random subset
             (``{random: 20, seed: 0}``, ``{seed: 0, start: 102, stop: 202}``); see
             `cdl_lightning.data.splits.select_classes`. ``None``: all.
 
@@ -80,6 +81,7 @@ class NpzSource(ArraySource):
                     )
             names_key = next((k for k in ("names", "class_names", "wnids") if k in keys), None)
             names = [str(n) for n in z[names_key]] if names_key else None
+            ids = [str(n) for n in z["wnids"]] if "wnids" in keys and names_key != "wnids" else None
             self.meta = json.loads(str(z["meta"])) if "meta" in keys else {}
             raw_labels = {s: z[f"{stored}_labels"] for s, stored in self._splits.items()}
             self._image_shapes = {s: _check_split(z, file, stored, len(raw_labels[s])) for s, stored in
@@ -95,6 +97,7 @@ class NpzSource(ArraySource):
             for s, lab in raw_labels.items()
         }
         self.class_names = names or [str(i) for i in range(num_classes)]
+        self.class_ids = ids if ids is not None and len(ids) == len(self.class_names) else None
         self.select(classes)
 
     def _labels(self, split: Split) -> np.ndarray:

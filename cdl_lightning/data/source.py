@@ -51,14 +51,19 @@ class DataSource(ABC):
     all_class_names: list[str]
     #: Stored labels of the kept classes, in new-label order; ``None`` when every class is kept.
     selected_classes: list[int] | None = None
+    #: Other identifiers of the (kept) classes that ``classes``/``class_order`` may name, e.g. WordNet ids; or None.
+    class_ids: list[str] | None = None
 
     def select(self, classes: ClassSelection | None = None) -> None:
         """Keep only ``classes`` (see `select_classes`); sets ``all_class_names``, ``selected_classes``,
-        ``class_names`` and ``num_classes``. Call once, at the end of ``__init__``, after ``class_names`` is set."""
+        ``class_names``, ``class_ids`` and ``num_classes``. Call once, at the end of ``__init__``, after ``class_names``
+        (and ``class_ids``, if the classes have ids besides their names) is set."""
         self.all_class_names = [str(n) for n in self.class_names]
-        self.selected_classes = select_classes(self.all_class_names, classes)
+        all_ids = None if self.class_ids is None else [str(c) for c in self.class_ids]
+        self.selected_classes = select_classes(self.all_class_names, classes, all_ids)
         kept = self.selected_classes if self.selected_classes is not None else range(len(self.all_class_names))
         self.class_names = [self.all_class_names[c] for c in kept]
+        self.class_ids = None if all_ids is None else [all_ids[c] for c in kept]
         self.num_classes = len(self.class_names)
         self._new_label = np.full(len(self.all_class_names), -1, dtype=np.int64)
         self._new_label[np.asarray(list(kept), dtype=np.int64)] = np.arange(self.num_classes)
@@ -107,7 +112,9 @@ class DataSource(ABC):
         return f"{type(self).__name__}(num_classes={self.num_classes})"
 
     def _selection_repr(self) -> str:
-        return "" if self.selected_classes is None else f", classes={self.num_classes} of {len(self.all_class_names)}"
+        if self.selected_classes is None:
+            return ""
+        return f", kept {self.num_classes} of {len(self.all_class_names)} classes"
 
 
 class SelectedDataset(Dataset):

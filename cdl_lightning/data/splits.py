@@ -42,15 +42,28 @@ __all__ = [
 
 
 def class_indices(
-    names_or_indices: Sequence[int | str], class_names: Sequence[str] | None, what: str = "classes"
+    names_or_indices: Sequence[int | str],
+    class_names: Sequence[str] | None,
+    what: str = "classes",
+    class_ids: Sequence[str] | None = None,
 ) -> list[int]:
     """Class indices of a list mixing indices (ints, or strings of digits that are not a class name) and class names.
 
+    A name is looked up as a full class name, then as a class id (``class_ids``, e.g. the WordNet ids of
+    Tiny-ImageNet), then as the part of a class name before its first comma when that is unique (``goldfish`` for
+    ``"goldfish, Carassius auratus"``).
+
     Raises:
-        ValueError: An unknown name (the message lists the closest names, ``difflib``) or an index out of range.
+        ValueError: An unknown name (the message lists the closest names, ``difflib``).
     """
     names = [str(n) for n in class_names] if class_names is not None else None
-    lookup = {n: i for i, n in enumerate(names)} if names is not None else {}
+    lookup: dict[str, int] = {}
+    if names is not None:
+        short = [n.split(",")[0].strip() for n in names]
+        unique_short = {s: i for i, s in enumerate(short) if short.count(s) == 1}
+        for table in (unique_short, {str(c): i for i, c in enumerate(class_ids or [])}, {n: i for i, n in
+                                                                                         enumerate(names)}):
+            lookup.update(table)  # later tables win: full names, then ids, then short names
     out: list[int] = []
     problems: list[str] = []
     for entry in names_or_indices:
@@ -65,7 +78,7 @@ def class_indices(
         elif text.lstrip("-").isdigit():
             out.append(int(text))
         else:
-            close = difflib.get_close_matches(text, names or [], n=3, cutoff=0.6)
+            close = difflib.get_close_matches(text, list(lookup), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             problems.append(f"unknown class name {text!r}{hint}")
     if problems:
@@ -74,7 +87,9 @@ def class_indices(
     return out
 
 
-def select_classes(class_names: Sequence[str], classes: ClassSelection | None = None) -> list[int] | None:
+def select_classes(
+    class_names: Sequence[str], classes: ClassSelection | None = None, class_ids: Sequence[str] | None = None
+) -> list[int] | None:
     """The original class indices a source keeps, in the order they get their new labels ``0..k-1``.
 
     ``classes`` is one of:
@@ -93,6 +108,7 @@ def select_classes(class_names: Sequence[str], classes: ClassSelection | None = 
     Args:
         class_names: Names of all classes of the source (index = original label).
         classes: The selection.
+        class_ids: Other identifiers of the classes that names may use (e.g. WordNet ids), see `class_indices`.
 
     Returns:
         ``None`` for all classes, else the kept original labels (distinct ints).
@@ -128,7 +144,7 @@ def select_classes(class_names: Sequence[str], classes: ClassSelection | None = 
         return [int(c) for c in permutation[start:stop]]
     if isinstance(classes, (str, bytes)):
         raise ValueError(f"classes must be a list of class names or indices (or a mapping), got the string {classes!r}")
-    selected = class_indices(list(classes), class_names, "classes")
+    selected = class_indices(list(classes), class_names, "classes", class_ids)
     if not selected:
         raise ValueError("classes: the selection is empty (leave it unset to keep every class)")
     out_of_range = sorted({c for c in selected if not 0 <= c < num_classes})
@@ -148,6 +164,7 @@ def resolve_class_order(
     class_order: Literal["natural", "random"] | Sequence[int | str] = "natural",
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    class_ids: Sequence[str] | None = None,
 ) -> list[int]:
     """Resolve a class-order setting into an explicit permutation of ``range(num_classes)``.
 
@@ -159,6 +176,7 @@ def resolve_class_order(
         seed: Seed of the ``"random"`` permutation.
         class_names: Names of the source's classes, to resolve names in an explicit list (unknown names are an error
             listing close matches).
+        class_ids: Other identifiers of the classes (e.g. WordNet ids), see `class_indices`.
 
     Returns:
         The class order as a list of ints.
@@ -177,7 +195,7 @@ def resolve_class_order(
         raise ValueError(
             f"class_order must be 'natural', 'random' or a list of class indices or names, got {class_order!r}"
         )
-    order = class_indices(list(class_order), class_names, "class_order")
+    order = class_indices(list(class_order), class_names, "class_order", class_ids)
     problems = []
     if len(order) != num_classes:
         problems.append(f"it has {len(order)} entries but the source has {num_classes} classes")
