@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -222,3 +223,19 @@ def test_num_workers_default_per_source_type(tmp_path):
     in_memory = ContinualDataModule(SyntheticShapes(num_classes=2, train_per_class=2, test_per_class=1), num_tasks=2)
     assert folder.num_workers == min(8, len(os.sched_getaffinity(0))) and in_memory.num_workers == 0
     assert ContinualDataModule(SyntheticShapes(num_classes=2), num_tasks=2, num_workers=3).num_workers == 3
+
+
+def test_readme_own_data_config_builds(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Your own data\n.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "my_data.npz", train_images=rng.integers(0, 256, (12, 32, 32), dtype=np.uint8),
+             train_labels=np.arange(12) % 6, test_images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+             test_labels=np.arange(6), names=np.array(["ant", "cat", "dog", "fox", "owl", "yak"]))
+    (tmp_path / "my_run.yaml").write_text(block)
+    monkeypatch.chdir(tmp_path)
+    options = _options(tmp_path)
+    del options[options.index("--data.source") : options.index("--data.source") + 2]
+    del options[options.index("--data.num_tasks") : options.index("--data.num_tasks") + 2]
+    cli = cli_main(["--config", "my_run.yaml", *options], run=False)
+    assert cli.datamodule.class_names == ["owl", "cat", "dog", "fox"] and cli.datamodule.task_sizes == [2, 2]
