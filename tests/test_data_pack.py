@@ -40,6 +40,10 @@ def test_pack_arrays_is_lossless_small_and_read_by_npz_source(tmp_path):
     images, labels = source.arrays("train")
     assert source.class_names == names and np.array_equal(labels, train[1])
     assert images.shape == (60, 3, 28, 28) and all(np.array_equal(images[:, c], train[0]) for c in range(3))
+    selected = NpzSource(str(path), classes=["coat", "tee"])  # decodes only the kept images of the pack
+    keep = np.isin(train[1], [4, 0])
+    assert np.array_equal(selected.arrays("train")[0], images[keep])
+    assert selected.labels("train").tolist() == [{4: 0, 0: 1}[c] for c in train[1][keep]]
     subset = NpzSource(str(pack_arrays(tmp_path / "s.npz", train, test, names=names, classes=["coat", "tee"])))
     assert subset.class_names == ["coat", "tee"] and np.bincount(subset.labels("test")).tolist() == [4, 4]
     lossy = NpzSource(str(pack_arrays(tmp_path / "w.npz", train, test, names=names, format="webp", quality=80)))

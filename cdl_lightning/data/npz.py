@@ -121,6 +121,23 @@ class NpzSource(ArraySource):
             _DECODED[key] = (np.ascontiguousarray(images), self._labels_by_split[split])
         return _DECODED[key]
 
+    def arrays(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        """As `ArraySource.arrays`; with a class selection, an encoded split decodes only the kept images."""
+        cache = self.__dict__.setdefault("_array_cache", {})
+        keep = self.sample_indices(split) if split in self._splits else None
+        if split not in cache and keep is not None:
+            file = Path(self.path).expanduser()
+            stored = self._splits[split]
+            with np.load(file) as z:
+                if f"{stored}_bytes" in z.files:
+                    data, offsets = z[f"{stored}_bytes"], z[f"{stored}_offsets"]
+                    starts, ends = offsets[keep], offsets[keep + 1]
+                    kept = np.concatenate([data[a:b] for a, b in zip(starts, ends)]) if len(keep) else data[:0]
+                    kept_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+                    images = decode_images(kept, kept_offsets, self.decode_workers, f"{file} split {stored!r}")
+                    cache[split] = (np.ascontiguousarray(images), self.labels(split))
+        return super().arrays(split)
+
     def __repr__(self) -> str:
         counts = {s: len(self.labels(s)) for s in ("train", "test")}
         return (
