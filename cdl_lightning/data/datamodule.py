@@ -285,8 +285,10 @@ class ContinualDataModule(LightningDataModule):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The task split (plain ints), checked on resume so a checkpoint is not continued on another split."""
-        return {"num_classes": self.num_classes, "task_sizes": list(self.task_sizes), "class_order": self.class_order}
+        """The task split (plain ints and the class names), checked on resume so a checkpoint is not continued on
+        another split or another class selection."""
+        return {"num_classes": self.num_classes, "task_sizes": list(self.task_sizes), "class_order": self.class_order,
+                "class_names": list(self.class_names)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -294,7 +296,8 @@ class ContinualDataModule(LightningDataModule):
             if key in state_dict and list(np.atleast_1d(state_dict[key])) != list(np.atleast_1d(value)):
                 raise ValueError(
                     f"the checkpoint was written with data {key}={_short(state_dict[key])}, this run has "
-                    f"{_short(value)}; resume with the same source, num_tasks, first_task_classes, class_order and seed"
+                    f"{_short(value)}; resume with the same source, classes, num_tasks, first_task_classes, "
+                    "class_order and seed"
                 )
 
     def check_tasks(self) -> None:
