@@ -401,3 +401,27 @@ def test_empty_class_folder_and_corrupt_files(tmp_path):
     assert len(ImageFolderSource(str(tmp_path / "e")).paths("train")) == 7
     with pytest.raises(ValueError, match=r"bad.jpg: OSError"):
         ImageFolderSource(str(tmp_path / "e"), verify="decode")
+
+
+def test_a_custom_source_gets_class_selection_from_the_base():
+    from cdl_lightning.data import DataSource, SelectedDataset
+
+    class Letters(DataSource):
+        fixed_size = True
+
+        def __init__(self, classes=None):
+            self.class_names = ["a", "b", "c"]
+            self.select(classes)
+
+        def _labels(self, split):
+            return np.array([0, 1, 2, 0, 1, 2])
+
+        def _dataset(self, split):
+            return [(torch.full((3, 2, 2), i, dtype=torch.uint8), int(c)) for i, c in enumerate(self._labels(split))]
+
+    source = Letters(classes=["c", "a"])
+    assert source.num_classes == 2 and source.labels("train").tolist() == [1, 0, 1, 0]
+    dataset = source.dataset("train")
+    assert isinstance(dataset, SelectedDataset) and len(dataset) == 4
+    assert [(int(image[0, 0, 0]), label) for image, label in dataset] == [(0, 1), (2, 0), (3, 1), (5, 0)]
+    assert Letters().dataset("test")[4][1] == 1  # no selection: the source's own dataset
