@@ -91,3 +91,15 @@ def test_pack_folder_keeps_files_resizes_on_request_and_refuses_mixed_sizes(tmp_
     left = (round(12 * 8 / 10) - 8) // 2
     expected = np.asarray(first.resize((round(12 * 8 / 10), 8), Image.BILINEAR).crop((left, 0, left + 8, 8)))
     assert np.array_equal(source.arrays("train")[0][0].transpose(1, 2, 0), expected)
+
+
+def test_cdl_pack_subsets_an_existing_pack_without_re_encoding(tmp_path, capsys):
+    train, test = _fashion_like(30, 0), _fashion_like(10, 1)
+    names = ["tee", "trouser", "pullover", "dress", "coat"]
+    full = pack_arrays(tmp_path / "full.npz", train, test, names=names, format="webp", quality=70)
+    main(["pack", str(full), str(tmp_path / "part.npz"), "--classes", "{seed: 0, start: 2}"])
+    assert "3 classes, train 18, test 6 images" in capsys.readouterr().out
+    part, expected = NpzSource(str(tmp_path / "part.npz")), NpzSource(str(full), classes={"seed": 0, "start": 2})
+    assert part.class_names == expected.class_names == [names[c] for c in np.random.default_rng(0).permutation(5)[2:]]
+    assert np.array_equal(part.arrays("train")[0], expected.arrays("train")[0])  # the same WebP bytes, decoded
+    assert np.array_equal(part.labels("test"), expected.labels("test")) and part.meta["format"] == "original"

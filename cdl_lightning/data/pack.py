@@ -18,6 +18,7 @@ Command line::
     cdl pack ~/data/tiny-imagenet-200 tiny.npz --size 32 --format webp --quality 80
     cdl pack ~/data/my_photos photos.npz --size 64 --classes cat dog eel
     cdl pack arrays.npz packed.npz            # an npz of {split}_images / {split}_labels, re-encoded as PNG
+    cdl pack tiny-imagenet-32.npz proxy.npz --classes '{seed: 0, start: 102}'   # a class subset of a pack, as is
 """
 
 from __future__ import annotations
@@ -243,24 +244,45 @@ def pack_folder(
 def pack_npz(
     src: str | Path,
     out: str | Path,
-    format: Literal["png", "webp", "jpeg"] = "png",
+    format: Format = "auto",
     quality: int = 90,
     classes: ClassSelection | None = None,
     workers: int | None = None,
 ) -> Path:
-    """Re-encode an npz of decoded arrays (``{split}_images`` + ``{split}_labels`` for train and test|val, optional
-    ``names``/``class_names``) as a pack (see `pack_arrays`)."""
-    with np.load(Path(src).expanduser()) as z:
-        keys = set(z.files)
-        test = "test" if "test_images" in keys else "val"
-        missing = [k for k in ("train_images", "train_labels", f"{test}_images", f"{test}_labels") if k not in keys]
-        if missing:
-            raise ValueError(f"pack_npz: {src} lacks {missing} (found {sorted(keys)})")
-        names_key = next((k for k in ("names", "class_names", "wnids") if k in keys), None)
-        names = [str(n) for n in z[names_key]] if names_key else None
-        train = (z["train_images"], z["train_labels"])
-        test_split = (z[f"{test}_images"], z[f"{test}_labels"])
-    return pack_arrays(out, train, test_split, names, format, quality, classes, workers, {"source": str(src)})
+    """Pack an npz read by `NpzSource`: decoded arrays (``{split}_images``, any supported layout) are encoded as
+    `pack_arrays` does; an existing pack is subset by ``classes`` and copied without re-encoding (``format``
+    ``"auto"``/``"original"``) or re-encoded (``"png"``/``"webp"``/``"jpeg"``). Names and wnids are kept.
+
+    ``cdl pack tiny-imagenet-32.npz proxy.npz --classes '{seed: 0, start: 102}'`` writes the 100 classes
+    ``numpy.random.default_rng(0).permutation(202)[102:]`` (new labels in that order) at half the size.
+    """
+    from cdl_lightning.data.npz import NpzSource
+
+    source = NpzSource(str(src), classes=classes)
+    file = Path(src).expanduser()
+    splits: dict[str, tuple[list[bytes], np.ndarray]] = {}
+    start = time.perf_counter()
+    with np.load(file) as z:
+        encoded_input = f"{source._splits['train']}_bytes" in z.files
+        for split, stored in source._splits.items():
+            labels = source.labels(split)
+            keep = source.sample_indices(split)
+            if f"{stored}_bytes" in z.files and format in ("auto", "original"):
+                data, offsets = z[f"{stored}_bytes"], z[f"{stored}_offsets"]
+                indices = np.arange(len(offsets) - 1) if keep is None else keep
+                splits[split] = ([data[offsets[i] : offsets[i + 1]].tobytes() for i in indices], labels)
+            else:
+                fmt = "png" if format in ("auto", "original") else format
+                images = source.arrays(split)[0]
+                gray = bool(np.array_equal(images[:, 0], images[:, 1]) and np.array_equal(images[:, 0], images[:, 2]))
+                planes = images[:, 0] if gray else images.transpose(0, 2, 3, 1)
+                splits[split] = (_parallel(lambda i, p=planes, f=fmt: encode_image(Image.fromarray(p[i]), f, quality),
+                                           list(range(len(planes))), workers), labels)
+    meta = {**source.meta, "created_by": "cdl pack (npz)", "source": str(src),
+            "format": format if format not in ("auto",) else ("original" if encoded_input else "png"),
+            "classes": None if source.selected_classes is None else source.class_names,
+            "encode_seconds": round(time.perf_counter() - start, 2)}
+    return write_pack(out, splits, source.class_names, meta, wnids=source.class_ids)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,8 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     src = Path(args.src).expanduser()
     start = time.perf_counter()
     if src.is_file() and src.suffix == ".npz":
-        fmt = "png" if args.format in ("auto", "original") else args.format
-        path = pack_npz(src, args.out, fmt, args.quality, classes, args.workers)
+        path = pack_npz(src, args.out, args.format, args.quality, classes, args.workers)
     elif src.is_dir():
         path = pack_folder(src, args.out, args.format, args.quality, args.size, classes, args.test_root,
                            args.train_fraction, args.seed, args.skip_corrupt, args.workers)
