@@ -113,9 +113,9 @@ def expand_config_args(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE``, ``cdl compare RUN_DIR...`` or
-    ``cdl pretrain --out FILE ...``."""
+    ``cdl pretrain --out FILE ...`` or ``cdl pack SRC OUT ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "pretrain"):
+    if argv and argv[0] in ("compare", "pretrain", "pack"):
         import importlib
 
         importlib.import_module(f"cdl_lightning.{argv[0]}").main(argv[1:])

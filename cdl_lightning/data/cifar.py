@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cdl_lightning.data.source import ArraySource, Split
+from cdl_lightning.data.splits import ClassSelection
 
 __all__ = ["CIFAR100"]
 
@@ -22,6 +23,8 @@ class CIFAR100(ArraySource):
     Args:
         root: Folder holding (or receiving) ``cifar-100-python/``.
         download: Download the archive in ``prepare_data`` when the files are missing. Needs internet access.
+        classes: Keep only these classes: names (``[apple, bear]``) or indices, or a seeded random subset
+            (``{random: 10, seed: 0}``); see `cdl_lightning.data.splits.select_classes`. ``None``: all 100.
 
     Raises:
         FileNotFoundError: Files missing and ``download`` is false (the message names the path and ``download: true``).
@@ -29,11 +32,12 @@ class CIFAR100(ArraySource):
 
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
-    def __init__(self, root: str = "data", download: bool = False) -> None:
+    def __init__(self, root: str = "data", download: bool = False, classes: ClassSelection | None = None) -> None:
         self.root = str(root)
         self.download = download
-        self.num_classes = 100
+        self.classes = classes
         self.class_names = list(_CLASS_NAMES)
+        self.select(classes)
         if not download and not self.files_present():
             raise FileNotFoundError(
                 f"CIFAR-100 not found: expected {self.folder}/{{{','.join(_FILES)}}} (the extracted "
@@ -74,12 +78,12 @@ class CIFAR100(ArraySource):
         if not self.files_present():
             self.prepare()
         ds = torchvision.datasets.CIFAR100(self.root, train=split == "train", download=False)
-        if list(ds.classes) != self.class_names:
+        if list(ds.classes) != self.all_class_names:
             raise RuntimeError(f"unexpected CIFAR-100 class list in {self.folder}/meta")
         return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
 
     def __repr__(self) -> str:
-        return f"CIFAR100(root={self.root!r}, download={self.download})"
+        return f"CIFAR100(root={self.root!r}, download={self.download}{self._selection_repr()})"
 
 
 # The fine label names in label order (as in the `meta` file), so class names exist before the files are read.

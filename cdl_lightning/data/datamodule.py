@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from cdl_lightning.data.augment import EvalResize, RandomResizedCropFlip
-from cdl_lightning.data.datasets import EvalCrop, PredictDataset, TaskDataset, TrainCrop
-from cdl_lightning.data.folder import list_images
+from cdl_lightning.data.datasets import EvalCrop, PredictCollate, PredictDataset, TaskDataset, TrainCrop
+from cdl_lightning.data.folder import _cpu_count, list_images
 from cdl_lightning.data.loaders import ResumableDataLoader, ResumableSampler, derive_seed
 from cdl_lightning.data.source import DataSource, Split
 from cdl_lightning.data.splits import (
@@ -55,13 +55,15 @@ class ContinualDataModule(LightningDataModule):
         num_tasks: Number of tasks.
         first_task_classes: Classes of the first task (the rest are split evenly); ``None`` splits all classes evenly.
         class_order: ``"natural"`` (0..C-1: the reference's order, needed to compare with the paper), ``"random"``
-            (a permutation seeded by ``seed``) or an explicit list: entry ``i`` is the original label of class ``i``.
+            (a permutation seeded by ``seed``) or an explicit list: entry ``i`` is the source label or the class name
+            of class ``i`` (unknown names are an error listing close matches).
         seed: Seed of the random class order, the shuffling (per epoch) and the CPU crops of file sources.
         epochs_per_task: Training epochs of each task.
         batch_size: Training batch size (per device).
         eval_batch_size: Validation/test/predict batch size; ``None`` uses ``batch_size``.
-        num_workers: DataLoader worker processes. In-memory sources (fixed-size images augmented on the device) need
-            none; file sources (ImageFolder) decode and crop on the CPU and want several.
+        num_workers: DataLoader worker processes; ``None`` (auto): 0 for in-memory sources (fixed-size images
+            augmented on the device: workers would only copy them) and ``min(8, usable CPUs)`` for file sources
+            (ImageFolder: decoding and cropping on the CPU is the bottleneck).
         image_size: Side of the square images the model sees.
         test_resize: Evaluation resize: ``"resize"`` (``Resize(image_size)``, the reference's CIFAR-100 test transform)
             or ``"resize_center_crop"`` (``Resize(image_size / crop_pct) + CenterCrop(image_size)``, ImageNet-R's).
@@ -71,7 +73,8 @@ class ContinualDataModule(LightningDataModule):
         hflip: Probability of a horizontal flip of a training image.
         drop_last: Drop the last incomplete training batch.
         pin_memory: Pin host memory of batches; ``None``: when CUDA is available.
-        persistent_workers: Keep workers alive between iterations of one loader (loaders are rebuilt every epoch).
+        persistent_workers: Keep workers alive between iterations of one loader. Off by default: the loaders are
+            rebuilt every epoch (the task sequence), so each loader is iterated once and persistence saves nothing.
         predict_root: Folder of images (searched recursively) served by `predict_dataloader` for ``cdl predict``.
 
     Raises:
@@ -84,12 +87,12 @@ class ContinualDataModule(LightningDataModule):
         source: DataSource | None = None,
         num_tasks: int = 5,
         first_task_classes: int | None = None,
-        class_order: Literal["natural", "random"] | list[int] = "natural",
+        class_order: Literal["natural", "random"] | list[int | str] = "natural",
         seed: int = 0,
         epochs_per_task: int = 1,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         image_size: int = 224,
         test_resize: Literal["resize", "resize_center_crop"] = "resize",
         crop_pct: float = 0.875,
@@ -111,7 +114,7 @@ class ContinualDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.source = SyntheticShapes() if source is None else source
         if not isinstance(self.source, DataSource):
@@ -122,7 +125,9 @@ class ContinualDataModule(LightningDataModule):
         self.task_sizes = split_task_sizes(self.num_classes, num_tasks, first_task_classes)
         self.task_offsets = task_offsets(self.task_sizes)
         self.class_order_mode = class_order if isinstance(class_order, str) else "explicit"
-        self.class_order = resolve_class_order(self.num_classes, class_order, seed)
+        self.class_order = resolve_class_order(
+            self.num_classes, class_order, seed, self.source.class_names, getattr(self.source, "class_ids", None)
+        )
         self.class_names = [str(self.source.class_names[c]) for c in self.class_order]
         self.seed = seed
         self.epochs_per_task = epochs_per_task
@@ -130,6 +135,8 @@ class ContinualDataModule(LightningDataModule):
         """The task sequence (sizes, class order and names, epochs per task) that the CLI links into the model."""
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        if num_workers is None:  # auto: file sources decode on the CPU, in-memory sources need no worker
+            num_workers = 0 if self.source.fixed_size else min(8, _cpu_count())
         self.num_workers = num_workers
         self.image_size = image_size
         self.test_resize = test_resize
@@ -210,6 +217,7 @@ class ContinualDataModule(LightningDataModule):
     @override
     def setup(self, stage: str) -> None:
         if not self._summary_logged and stage != "predict":
+            self.check_tasks()
             rank_zero_info(self.summary())
             self._summary_logged = True
 
@@ -243,10 +251,13 @@ class ContinualDataModule(LightningDataModule):
         """Images of ``predict_root``: batches ``(uint8 images B x 3 x S x S, int64 index into predict_paths)``."""
         if not self.predict_paths:
             raise ValueError("set data.predict_root to a folder of images to predict")
+        # One eval transform: fixed-size sources resize predict images exactly as their validation batches.
+        fixed = self.source.fixed_size
         return DataLoader(
-            PredictDataset(self.predict_paths, self.eval_crop),
+            PredictDataset(self.predict_paths, None if fixed else self.eval_crop),
             batch_size=self.eval_batch_size,
             shuffle=False,
+            collate_fn=PredictCollate(self.eval_resize) if fixed else None,
             **self._loader_kwargs(),
         )
 
@@ -255,8 +266,8 @@ class ContinualDataModule(LightningDataModule):
         """On the device: uint8 -> float [0, 1]; train batches augmented, eval batches resized (see `preprocess`)."""
         trainer = self.trainer
         if trainer is not None and trainer.predicting:
-            images, index = batch
-            return self.preprocess(images, train=False), index
+            images, index = batch  # float images were resized by PredictCollate already (mixed sizes)
+            return (images if images.is_floating_point() else self.preprocess(images, train=False)), index
         images, targets, task_ids = batch
         return self.preprocess(images, train=trainer is not None and trainer.training), targets, task_ids
 
@@ -273,8 +284,10 @@ class ContinualDataModule(LightningDataModule):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The task split (plain ints), checked on resume so a checkpoint is not continued on another split."""
-        return {"num_classes": self.num_classes, "task_sizes": list(self.task_sizes), "class_order": self.class_order}
+        """The task split (plain ints and the class names), checked on resume so a checkpoint is not continued on
+        another split or another class selection."""
+        return {"num_classes": self.num_classes, "task_sizes": list(self.task_sizes), "class_order": self.class_order,
+                "class_names": list(self.class_names)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -282,8 +295,26 @@ class ContinualDataModule(LightningDataModule):
             if key in state_dict and list(np.atleast_1d(state_dict[key])) != list(np.atleast_1d(value)):
                 raise ValueError(
                     f"the checkpoint was written with data {key}={_short(state_dict[key])}, this run has "
-                    f"{_short(value)}; resume with the same source, num_tasks, first_task_classes, class_order and seed"
+                    f"{_short(value)}; resume with the same source, classes, num_tasks, first_task_classes, "
+                    "class_order and seed"
                 )
+
+    def check_tasks(self) -> None:
+        """Raise before any compute when a task has no training or no test sample (e.g. a class folder left empty),
+        naming the task and its classes without samples; called by `setup`."""
+        problems = []
+        for split in ("train", "test"):
+            counts = np.bincount(self.targets(split), minlength=self.num_classes)
+            for t in range(self.num_tasks):
+                classes = self.task_classes(t)
+                if counts[classes.start : classes.stop].sum() == 0:
+                    names = self.class_names[classes.start : classes.stop][:5]
+                    problems.append(f"task {t} has no {split} image (classes {names})")
+        if problems:
+            raise ValueError(
+                f"{self.source!r}: " + "; ".join(problems) + ". Every task needs training and test images: add "
+                "images, or leave those classes out with the source's `classes`."
+            )
 
     # ------------------------------------------------------------------------------------------- facts for the others
     def trainer_kwargs(self) -> dict[str, Any]:

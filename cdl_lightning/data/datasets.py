@@ -13,9 +13,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from cdl_lightning.data.augment import seeded_crop_box
+from cdl_lightning.data.augment import EvalResize, seeded_crop_box
+from cdl_lightning.data.folder import load_rgb
 
-__all__ = ["TaskDataset", "TrainCrop", "EvalCrop", "PredictDataset"]
+__all__ = ["TaskDataset", "TrainCrop", "EvalCrop", "PredictDataset", "PredictCollate"]
 
 
 class TrainCrop:
@@ -117,9 +118,14 @@ class TaskDataset(Dataset):
 
 
 class PredictDataset(Dataset):
-    """Image files for prediction: items ``(uint8 3 x size x size tensor, index into paths)``."""
+    """Image files for prediction: items ``(uint8 3 x S x S tensor, index into paths)``.
 
-    def __init__(self, paths: list[str], transform: EvalCrop) -> None:
+    With a ``transform`` (file sources: the same `EvalCrop` as their validation) the image is resized on the CPU;
+    without one (fixed-size sources) it is returned at its own size, to be resized exactly as validation images are (see
+    `PredictCollate`). Any image mode is converted to RGB first.
+    """
+
+    def __init__(self, paths: list[str], transform: EvalCrop | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
 
@@ -127,5 +133,26 @@ class PredictDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), index
+        image = load_rgb(self.paths[index])
+        return (TF.pil_to_tensor(image) if self.transform is None else self.transform(image)), index
+
+
+class PredictCollate:
+    """Batches prediction images of fixed-size sources with the validation transform of those sources.
+
+    Images of one size are stacked as uint8 and go through the same device-side `EvalResize` as validation batches
+    (``on_after_batch_transfer``), so an image gets the same logits in ``cdl validate``, ``test`` and ``predict``.
+    A batch of mixed sizes is resized here, image by image, with that same `EvalResize` (float32 in [0, 1]).
+    """
+
+    def __init__(self, eval_resize: EvalResize) -> None:
+        self.eval_resize = eval_resize
+
+    def __call__(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = [image for image, _ in items]
+        index = torch.tensor([i for _, i in items], dtype=torch.int64)
+        if len({tuple(image.shape) for image in images}) == 1:
+            return torch.stack(images), index
+        with torch.no_grad():
+            resized = [self.eval_resize(image[None].to(torch.float32).div_(255.0))[0] for image in images]
+        return torch.stack(resized), index

@@ -15,14 +15,22 @@ Vocabulary used across ``cdl_lightning.data``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 
 from cdl_lightning.tasks import task_offsets, task_ranges  # computed in one place (the task schedule's module)
 
+#: A class selection (see `select_classes`): a list of class names / indices, or a seeded random subset
+#: ``{random: k, seed: s}`` / permutation slice ``{seed: s, start: a, stop: b}``.
+ClassSelection = list[int | str] | dict[str, int]
+
 __all__ = [
+    "ClassSelection",
+    "select_classes",
+    "class_indices",
     "resolve_class_order",
     "task_sizes",
     "task_offsets",
@@ -36,17 +44,142 @@ __all__ = [
 ]
 
 
+def class_indices(
+    names_or_indices: Sequence[int | str],
+    class_names: Sequence[str] | None,
+    what: str = "classes",
+    class_ids: Sequence[str] | None = None,
+) -> list[int]:
+    """Class indices of a list mixing indices (ints, or strings of digits that are not a class name) and class names.
+
+    A name is looked up as a full class name, then as a class id (``class_ids``, e.g. the WordNet ids of
+    Tiny-ImageNet), then as the part of a class name before its first comma when that is unique (``goldfish`` for
+    ``"goldfish, Carassius auratus"``).
+
+    Raises:
+        ValueError: An unknown name (the message lists the closest names, ``difflib``).
+    """
+    names = [str(n) for n in class_names] if class_names is not None else None
+    lookup: dict[str, int] = {}
+    if names is not None:
+        short = [n.split(",")[0].strip() for n in names]
+        unique_short = {s: i for i, s in enumerate(short) if short.count(s) == 1}
+        for table in (unique_short, {str(c): i for i, c in enumerate(class_ids or [])}, {n: i for i, n in
+                                                                                         enumerate(names)}):
+            lookup.update(table)  # later tables win: full names, then ids, then short names
+    out: list[int] = []
+    problems: list[str] = []
+    for entry in names_or_indices:
+        if isinstance(entry, (bool, np.bool_)):
+            raise ValueError(f"{what}: {entry!r} is neither a class name nor an index")
+        if isinstance(entry, (int, np.integer)):
+            out.append(int(entry))
+            continue
+        text = str(entry)
+        if text in lookup:
+            out.append(lookup[text])
+        elif text.lstrip("-").isdigit():
+            out.append(int(text))
+        else:
+            close = difflib.get_close_matches(text, list(lookup), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            problems.append(f"unknown class name {text!r}{hint}")
+    if problems:
+        shown = "" if names is None else f"; the {len(names)} class names begin {_short_names(names)}"
+        raise ValueError(f"{what}: " + "; ".join(problems) + shown)
+    return out
+
+
+def select_classes(
+    class_names: Sequence[str], classes: ClassSelection | None = None, class_ids: Sequence[str] | None = None
+) -> list[int] | None:
+    """The original class indices a source keeps, in the order they get their new labels ``0..k-1``.
+
+    ``classes`` is one of:
+
+    - ``None``: every class (returns ``None``);
+    - a list of class names and/or indices, e.g. ``[n01443537, n01629819]`` or ``[0, 5, 7]``: those classes, in that
+      order (new label ``i`` is entry ``i``);
+    - ``{random: k, seed: s}``: ``k`` classes drawn without replacement, i.e. the first ``k`` entries of
+      ``numpy.random.default_rng(s).permutation(num_classes)`` (in that order);
+    - ``{seed: s, start: a, stop: b}``: entries ``[a, b)`` of that permutation, i.e. exactly
+      ``numpy.random.default_rng(s).permutation(num_classes)[a:b]`` (``start`` defaults to 0, ``stop`` to
+      ``num_classes``; ``random: k`` with ``start: a`` means ``stop = a + k``). Two complementary slices of one seed
+      (``{seed: 0, stop: 102}`` and ``{seed: 0, start: 102}``) split the classes into disjoint sets: e.g. pretrain on
+      the first and run the continual study on the second.
+
+    Args:
+        class_names: Names of all classes of the source (index = original label).
+        classes: The selection.
+        class_ids: Other identifiers of the classes that names may use (e.g. WordNet ids), see `class_indices`.
+
+    Returns:
+        ``None`` for all classes, else the kept original labels (distinct ints).
+
+    Raises:
+        ValueError: Unknown names (with close matches), indices out of range, duplicates, an empty selection or unknown
+            keys in the mapping form.
+    """
+    if classes is None:
+        return None
+    num_classes = len(class_names)
+    if isinstance(classes, Mapping):
+        unknown = sorted(set(classes) - {"random", "seed", "start", "stop"})
+        if unknown or "seed" not in classes:
+            raise ValueError(
+                f"classes: a mapping selects a seeded random subset, {{random: K, seed: S}} or {{seed: S, start: A, "
+                f"stop: B}} (the slice [A, B) of numpy.random.default_rng(S).permutation(num_classes)); got "
+                f"{dict(classes)}" + (f" with unknown keys {unknown}" if unknown else " without 'seed'")
+            )
+        start = int(classes.get("start", 0))
+        if "random" in classes:
+            if "stop" in classes:
+                raise ValueError("classes: give either 'random' (a count) or 'stop', not both")
+            stop = start + int(classes["random"])
+        else:
+            stop = int(classes.get("stop", num_classes))
+        if not 0 <= start < stop <= num_classes:
+            raise ValueError(
+                f"classes: the slice [{start}, {stop}) of a permutation of {num_classes} classes is empty or out of "
+                f"range; need 0 <= start < stop <= {num_classes}"
+            )
+        permutation = np.random.default_rng(int(classes["seed"])).permutation(num_classes)
+        return [int(c) for c in permutation[start:stop]]
+    if isinstance(classes, (str, bytes)):
+        raise ValueError(f"classes must be a list of class names or indices (or a mapping), got the string {classes!r}")
+    selected = class_indices(list(classes), class_names, "classes", class_ids)
+    if not selected:
+        raise ValueError("classes: the selection is empty (leave it unset to keep every class)")
+    out_of_range = sorted({c for c in selected if not 0 <= c < num_classes})
+    if out_of_range:
+        raise ValueError(f"classes: indices out of range [0, {num_classes}): {_short(out_of_range)}")
+    counts: dict[int, int] = {}
+    for c in selected:
+        counts[c] = counts.get(c, 0) + 1
+    duplicates = [class_names[c] for c, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"classes: listed more than once: {duplicates[:10]}")
+    return selected
+
+
 def resolve_class_order(
-    num_classes: int, class_order: Literal["natural", "random"] | Sequence[int] = "natural", seed: int = 0
+    num_classes: int,
+    class_order: Literal["natural", "random"] | Sequence[int | str] = "natural",
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    class_ids: Sequence[str] | None = None,
 ) -> list[int]:
     """Resolve a class-order setting into an explicit permutation of ``range(num_classes)``.
 
     Args:
         num_classes: Number of classes of the source.
         class_order: ``"natural"`` (``0..C-1``, the reference's order), ``"random"`` (a permutation drawn from
-            ``numpy.random.default_rng(seed)``) or an explicit list where entry ``i`` is the original label that
-            becomes remapped label ``i``.
+            ``numpy.random.default_rng(seed)``) or an explicit list where entry ``i`` is the original label (or the
+            class name, when ``class_names`` is given) that becomes remapped label ``i``.
         seed: Seed of the ``"random"`` permutation.
+        class_names: Names of the source's classes, to resolve names in an explicit list (unknown names are an error
+            listing close matches).
+        class_ids: Other identifiers of the classes (e.g. WordNet ids), see `class_indices`.
 
     Returns:
         The class order as a list of ints.
@@ -62,8 +195,10 @@ def resolve_class_order(
             return list(range(num_classes))
         if class_order == "random":
             return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
-        raise ValueError(f"class_order must be 'natural', 'random' or a list of ints, got {class_order!r}")
-    order = [int(c) for c in class_order]
+        raise ValueError(
+            f"class_order must be 'natural', 'random' or a list of class indices or names, got {class_order!r}"
+        )
+    order = class_indices(list(class_order), class_names, "class_order", class_ids)
     problems = []
     if len(order) != num_classes:
         problems.append(f"it has {len(order)} entries but the source has {num_classes} classes")
@@ -204,6 +339,10 @@ def split_per_class(
         np.sort(np.concatenate(train)) if train else empty,
         np.sort(np.concatenate(test)) if test else empty,
     )
+
+
+def _short_names(names: Sequence[str], limit: int = 8) -> str:
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + (", ...]" if len(names) > limit else "]")
 
 
 def _short(values: Sequence[int], limit: int = 12) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cdl_lightning.data.source import ArraySource, Split
+from cdl_lightning.data.splits import ClassSelection
 
 __all__ = ["SyntheticShapes", "SHAPE_NAMES"]
 
@@ -32,6 +33,9 @@ class SyntheticShapes(ArraySource):
         image_size: Side of the square images, in pixels (>= 8).
         seed: Seed of the whole data set.
         noise: Standard deviation of the per-pixel Gaussian noise (images in [0, 1] before quantisation).
+        classes: Keep only these of the ``num_classes`` generated classes (names such as ``disk_0`` or indices, or
+            ``{random: k, seed: s}``; see `cdl_lightning.data.splits.select_classes`). The kept images are the same as
+            in the full set.
     """
 
     def __init__(
@@ -42,26 +46,28 @@ class SyntheticShapes(ArraySource):
         image_size: int = 32,
         seed: int = 0,
         noise: float = 0.08,
+        classes: ClassSelection | None = None,
     ) -> None:
         if num_classes < 1 or train_per_class < 1 or test_per_class < 1:
             raise ValueError("num_classes, train_per_class and test_per_class must all be >= 1")
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class
         self.image_size = image_size
         self.seed = seed
         self.noise = noise
         self.num_hues = num_classes
+        self.classes = classes
         self.class_names = [f"{SHAPE_NAMES[c % len(SHAPE_NAMES)]}_{c // len(SHAPE_NAMES)}" for c in range(num_classes)]
+        self.select(classes)
 
-    def labels(self, split: Split) -> np.ndarray:
+    def _labels(self, split: Split) -> np.ndarray:
         per_class = self.train_per_class if split == "train" else self.test_per_class
-        return np.repeat(np.arange(self.num_classes, dtype=np.int64), per_class)
+        return np.repeat(np.arange(len(self.all_class_names), dtype=np.int64), per_class)
 
     def _load(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        labels = self.labels(split)
+        labels = self._labels(split)
         child = np.random.SeedSequence(self.seed).spawn(2)[0 if split == "train" else 1]
         return self.generate(labels, np.random.default_rng(child)), labels
 
@@ -110,8 +116,9 @@ class SyntheticShapes(ArraySource):
 
     def __repr__(self) -> str:
         return (
-            f"SyntheticShapes(num_classes={self.num_classes}, train_per_class={self.train_per_class}, "
-            f"test_per_class={self.test_per_class}, image_size={self.image_size}, seed={self.seed})"
+            f"SyntheticShapes(num_classes={len(self.all_class_names)}, train_per_class={self.train_per_class}, "
+            f"test_per_class={self.test_per_class}, image_size={self.image_size}, seed={self.seed}"
+            f"{self._selection_repr()})"
         )
 
 
