@@ -127,3 +127,34 @@ def test_cuda_graphs_default_on_and_compile_replaces_them(tiny_vit_config):
     with torch.no_grad():
         fn = lambda images: (images,)  # noqa: E731
         assert model.graphed("x", fn, []) is fn and not model.graph_runners
+
+
+def test_fast_paths_component_holds_the_flags_and_acts_on_them(tiny_vit_config):
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.models.fast_paths import FastPaths
+
+    model = PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], cast_frozen_weights=False, cuda_graphs=False)
+    paths = model.fast_paths
+    assert isinstance(paths, FastPaths)
+    assert (paths.compile, paths.cast_frozen_weights, paths.cuda_graphs) == (False, False, False)
+    assert model.graph_runners is paths.runners
+    vit = model.classifier.backbone
+    weight = vit.vit.blocks[0].attn.qkv.weight
+    paths.cast(model.frozen_vits(), "bf16-mixed")  # cast_frozen_weights off: unchanged
+    assert weight.dtype == torch.float32
+    paths.cast_frozen_weights = True
+    paths.cast(model.frozen_vits(), "32-true")  # full precision: unchanged
+    assert vit.vit.blocks[0].attn.qkv.weight.dtype == torch.float32
+    paths.cast(model.frozen_vits(), "bf16-mixed")
+    assert vit.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    # off CUDA the training pass runs eagerly; with graphs on a wrapper is created once per name
+    paths.cuda_graphs = True
+    assert model.uses_cuda_graphs and paths.training_pass(vit, on_cuda=False) is None
+    assert isinstance(paths.training_pass(vit, on_cuda=True), GraphedTrainingPass)
+    fn = lambda images: (images,)  # noqa: E731
+    runner = model.graphed("x", fn, [vit])
+    assert isinstance(runner, GraphedFunction) and model.graphed("x", fn, [vit]) is runner
+    assert sorted(paths.runners) == ["train", "x"]
+    x = torch.rand(2, 3)
+    with torch.no_grad():
+        assert torch.equal(runner(x)[0], x)  # CPU: called eagerly
