@@ -109,8 +109,9 @@ def _timer_class() -> type:
         """Splits the wall time since process start into `PHASES` (a state machine switched by Lightning hooks;
         the GPU is synchronised at every switch) and counts the training images."""
 
-        def __init__(self, start: float) -> None:
+        def __init__(self, start: float, sync_debug: bool = False) -> None:
             self.start, self.last = start, start
+            self.sync_debug = sync_debug
             self.phase = "startup"
             self.seconds = dict.fromkeys(PHASES, 0.0)
             self.train_images = 0
@@ -130,6 +131,10 @@ def _timer_class() -> type:
             self.last = now
             if phase is not None:
                 self.phase = phase
+            if self.cuda and self.sync_debug:
+                import torch
+
+                torch.cuda.set_sync_debug_mode("warn" if self.phase == "train" else "default")
 
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             self.device = trainer.strategy.root_device
@@ -251,7 +256,8 @@ def cli_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
     name = "tiny" if args.tiny else args.model
     return ["fit", *base, *source, "--seed_everything", "0", "--trainer.devices", str(args.devices),
             "--data.num_tasks", str(args.num_tasks), "--data.epochs_per_task", str(args.epochs_per_task),
-            "--data.batch_size", str(args.batch), "--trainer.enable_progress_bar", str(args.progress_bar).lower(),
+            "--data.batch_size", str(args.batch),
+            "--trainer.enable_progress_bar", str(not args.no_progress_bar).lower(),
             "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.save_dir", str(out), "--trainer.logger.name", name, "--trainer.logger.version", "",
             "--evaluation.output_dir", str(out / name), *extra]
@@ -300,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP when > 1)")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--progress-bar", action="store_true", help="keep the progress bar (off by default)")
+    parser.add_argument("--no-progress-bar", action="store_true", help="disable the progress bar (the CLI's rich "
+                        "bar is on by default, as in a real run)")
+    parser.add_argument("--sync-debug", action="store_true", help="torch.cuda.set_sync_debug_mode('warn') during the "
+                        "train phases: every host-device synchronisation in a step warns once per source line")
     parser.add_argument("--step-rate", type=float, help="the step benchmark's img/s per GPU (skips measuring it)")
     parser.add_argument("--no-step", action="store_true", help="do not measure the step rate after the fit")
     parser.add_argument("--step-warmup", type=int, default=10)
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     start = process_start_time()
     from cdl_lightning import cli
 
-    timer = _timer_class()(start)
+    timer = _timer_class()(start, args.sync_debug)
     captured: dict[str, Any] = {}
     instantiate = cli.CDLCLI.instantiate_trainer
 
