@@ -238,7 +238,10 @@ def cli_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
                    "base/coda.yaml"] + (["methods/kdp.yaml"] if kind == "kdp" else [])
         student = arch.split("-")[-1]
         base = [a for c in configs for a in ("--config", str(REPO / "configs" / c))]
-        base += ["--model.init_args.backbone", json.dumps({"name": TIMM[student], "pretrained": False}),
+        vit = {"name": TIMM[student], "pretrained": False}
+        if args.image_size != 224:
+            vit["model_kwargs"] = {"img_size": args.image_size}
+        base += ["--model.init_args.backbone", json.dumps(vit),
                  "--data.image_size", str(args.image_size), "--data.num_workers", str(args.num_workers),
                  "--trainer.precision", args.precision]
         if kind == "kdp":
