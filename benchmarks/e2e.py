@@ -79,8 +79,8 @@ class GpuSampler:
         exe = shutil.which("nvidia-smi")
         if exe is None or not gpus:
             return
-        self.process = subprocess.Popen(
-            [exe, "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", f"-lms={interval_ms}",
+        self.process = subprocess.Popen(  # noqa: S603
+            [exe, "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", f"--loop-ms={interval_ms}",
              f"--id={','.join(map(str, gpus))}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -151,7 +151,7 @@ def _timer_class() -> type:
 
             trainer.save_checkpoint = timed_save
             if self.cuda and trainer.global_rank == 0:
-                ids = [d.index for d in trainer.device_ids] if hasattr(trainer, "device_ids") else []
+                ids = [int(d) for d in getattr(trainer, "device_ids", [])]
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES")
                 if visible:
                     physical = visible.split(",")
