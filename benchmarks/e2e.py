@@ -200,6 +200,7 @@ def measure_step_rate(model: Any, trainer: Any, datamodule: Any, warmup: int, st
 
     device = trainer.strategy.root_device
     s = Settings(device=device, tiny=device.type != "cuda", warmup=warmup, steps=steps, compile=False)
+    model = model.to(device)  # the fit's teardown moved it to the CPU
     model.log = lambda *args, **kwargs: None  # no trainer loop around these steps
     model.train()
     start, stop = model.task_range(model.current_task)
@@ -346,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     step_rate = args.step_rate
     if step_rate is None and not args.no_step and trainer.world_size == 1:
-        step_rate = measure_step_rate(captured["cli"].model, trainer, captured["cli"].datamodule,
-                                      args.step_warmup, args.step_steps)
+        try:
+            step_rate = measure_step_rate(captured["cli"].model, trainer, captured["cli"].datamodule,
+                                          args.step_warmup, args.step_steps)
+        except Exception as err:  # the run's phases are still worth printing
+            print(f"step rate not measured: {type(err).__name__}: {err}", file=sys.stderr)
     result["args"] = {k: v for k, v in vars(args).items() if v is not None}
     if trainer.strategy.root_device.type == "cuda":
         import torch
