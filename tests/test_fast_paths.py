@@ -158,3 +158,21 @@ def test_fast_paths_component_holds_the_flags_and_acts_on_them(tiny_vit_config):
     x = torch.rand(2, 3)
     with torch.no_grad():
         assert torch.equal(runner(x)[0], x)  # CPU: called eagerly
+
+
+def test_backbone_from_a_weights_file_is_built_without_random_init(tmp_path, tiny_vit_config, monkeypatch):
+    import dataclasses
+
+    from timm.models import vision_transformer
+
+    source = tiny_vit_config.build()
+    path = tmp_path / "weights.pth"
+    torch.save(source.vit.state_dict(), path)
+    calls = []
+    monkeypatch.setattr(vision_transformer.VisionTransformer, "init_weights",
+                        lambda self, *a, **k: calls.append(self.pos_embed.device.type), raising=True)
+    built = dataclasses.replace(tiny_vit_config, checkpoint_path=str(path), init_seed=123).build()
+    assert calls == ["meta"]  # the random initialisation only touched meta tensors: no work, no memory
+    state, expected = built.vit.state_dict(), source.vit.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in built.parameters())
