@@ -176,3 +176,20 @@ def test_backbone_from_a_weights_file_is_built_without_random_init(tmp_path, tin
     state, expected = built.vit.state_dict(), source.vit.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
     assert all(p.device.type == "cpu" and not p.requires_grad for p in built.parameters())
+
+
+def test_a_signature_is_captured_on_its_second_call_only():
+    graphed = GraphedFunction(lambda x: (x,), [], max_graphs=2)
+    captured = []
+
+    def capture(name):
+        return lambda: captured.append(name) or f"graph {name}"
+
+    assert graphed._lookup("a", capture("a")) is None  # first call of "a": eager, no capture
+    assert graphed._lookup("a", capture("a")) == "graph a" and captured == ["a"]
+    assert graphed._lookup("a", capture("a")) == "graph a" and captured == ["a"]  # replayed
+    assert graphed._lookup("b", capture("b")) is None  # a signature met once (a last, smaller batch) costs nothing
+    assert (graphed.captures, graphed.replays, graphed.calls) == (1, 2, {"a": 3, "b": 1})
+    assert GraphedFunction(lambda x: (x,), [], capture_after=1)._lookup("c", capture("c")) == "graph c"
+    with pytest.raises(ValueError, match="capture_after"):
+        GraphedTrainingPass(nn.Linear(2, 2), capture_after=0)
