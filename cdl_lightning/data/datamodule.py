@@ -359,9 +359,10 @@ class ContinualDataModule(LightningDataModule):
 
     def _on_device(self, split: Split, dataset: Any) -> DeviceImages | None:
         """The split's images on the training device when ``device_data`` applies (see the argument), else None."""
-        if self.device_data is False or not self.source.fixed_size or self.trainer is None:
+        strategy = getattr(self.trainer, "strategy", None)  # (None also for a stand-in trainer without one)
+        if self.device_data is False or not self.source.fixed_size or strategy is None:
             return None
-        device = self.trainer.strategy.root_device
+        device = strategy.root_device
         if self.device_data is None:
             if device.type != "cuda" or not isinstance(dataset.base, ArrayDataset):
                 return None
