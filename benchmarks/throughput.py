@@ -100,11 +100,11 @@ def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     """Move to the device, open task 0, silence ``self.log`` (a warning-emitting no-op without a trainer), apply the
     ``cuda_graphs`` / ``compile`` settings."""
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    model.hparams.cuda_graphs = s.cuda_graphs
+    model.fast_paths.cuda_graphs = s.cuda_graphs
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
-        model.hparams.compile = True  # as `compile: true` in a config: every ViT pass compiled, CUDA graphs off
+        model.fast_paths.compile = True  # as `compile: true` in a config: every ViT pass compiled, CUDA graphs off
         model.configure_model()
     return model
 
@@ -184,8 +184,7 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
 def set_precision(model: PromptLearner, precision: str, s: Settings) -> None:
     """Frozen matmul weights in bf16 for bf16 cases (as a ``bf16-mixed`` trainer's setup does), else fp32."""
     model.cast_frozen_weights_(torch.bfloat16 if precision == "bf16" and s.cast_weights else torch.float32)
-    for runner in model.graph_runners.values():
-        runner.reset()  # free the graphs of the previous case
+    model.fast_paths.reset()  # free the graphs of the previous case
 
 
 def train_step(model: PromptLearner, batch: tuple[Tensor, Tensor, Tensor], precision: str, s: Settings) -> Step:

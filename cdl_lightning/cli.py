@@ -9,11 +9,12 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cdl_lightning.callbacks.continual_evaluation import ContinualEvaluation
 from cdl_lightning.callbacks.prediction_writer import PredictionWriter
+from cdl_lightning.callbacks.progress import ThrottledRichProgressBar
 from cdl_lightning.callbacks.rng_state import RNGStateCallback
 from cdl_lightning.data import ContinualDataModule
 from cdl_lightning.models import PromptLearner
@@ -46,7 +47,7 @@ class CDLCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         own_bar = any(isinstance(c, ProgressBar) for c in trainer_config.get("callbacks") or [])
         if trainer_config.get("enable_progress_bar") is not False and not own_bar:
-            kwargs.setdefault("callbacks", [*(trainer_config.get("callbacks") or []), RichProgressBar()])
+            kwargs.setdefault("callbacks", [*(trainer_config.get("callbacks") or []), ThrottledRichProgressBar()])
         return super().instantiate_trainer(**kwargs)
 
 

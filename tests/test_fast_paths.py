@@ -127,3 +127,69 @@ def test_cuda_graphs_default_on_and_compile_replaces_them(tiny_vit_config):
     with torch.no_grad():
         fn = lambda images: (images,)  # noqa: E731
         assert model.graphed("x", fn, []) is fn and not model.graph_runners
+
+
+def test_fast_paths_component_holds_the_flags_and_acts_on_them(tiny_vit_config):
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.models.fast_paths import FastPaths
+
+    model = PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], cast_frozen_weights=False, cuda_graphs=False)
+    paths = model.fast_paths
+    assert isinstance(paths, FastPaths)
+    assert (paths.compile, paths.cast_frozen_weights, paths.cuda_graphs) == (False, False, False)
+    assert model.graph_runners is paths.runners
+    vit = model.classifier.backbone
+    weight = vit.vit.blocks[0].attn.qkv.weight
+    paths.cast(model.frozen_vits(), "bf16-mixed")  # cast_frozen_weights off: unchanged
+    assert weight.dtype == torch.float32
+    paths.cast_frozen_weights = True
+    paths.cast(model.frozen_vits(), "32-true")  # full precision: unchanged
+    assert vit.vit.blocks[0].attn.qkv.weight.dtype == torch.float32
+    paths.cast(model.frozen_vits(), "bf16-mixed")
+    assert vit.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    # off CUDA the training pass runs eagerly; with graphs on a wrapper is created once per name
+    paths.cuda_graphs = True
+    assert model.uses_cuda_graphs and paths.training_pass(vit, on_cuda=False) is None
+    assert isinstance(paths.training_pass(vit, on_cuda=True), GraphedTrainingPass)
+    fn = lambda images: (images,)  # noqa: E731
+    runner = model.graphed("x", fn, [vit])
+    assert isinstance(runner, GraphedFunction) and model.graphed("x", fn, [vit]) is runner
+    assert sorted(paths.runners) == ["train", "x"]
+    x = torch.rand(2, 3)
+    with torch.no_grad():
+        assert torch.equal(runner(x)[0], x)  # CPU: called eagerly
+
+
+def test_backbone_from_a_weights_file_is_built_without_random_init(tmp_path, tiny_vit_config, monkeypatch):
+    import dataclasses
+
+    from timm.models import vision_transformer
+
+    source = tiny_vit_config.build()
+    path = tmp_path / "weights.pth"
+    torch.save(source.vit.state_dict(), path)
+    calls = []
+    monkeypatch.setattr(vision_transformer.VisionTransformer, "init_weights",
+                        lambda self, *a, **k: calls.append(self.pos_embed.device.type), raising=True)
+    built = dataclasses.replace(tiny_vit_config, checkpoint_path=str(path), init_seed=123).build()
+    assert calls == ["meta"]  # the random initialisation only touched meta tensors: no work, no memory
+    state, expected = built.vit.state_dict(), source.vit.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in built.parameters())
+
+
+def test_a_signature_is_captured_on_its_second_call_only():
+    graphed = GraphedFunction(lambda x: (x,), [], max_graphs=2)
+    captured = []
+
+    def capture(name):
+        return lambda: captured.append(name) or f"graph {name}"
+
+    assert graphed._lookup("a", capture("a")) is None  # first call of "a": eager, no capture
+    assert graphed._lookup("a", capture("a")) == "graph a" and captured == ["a"]
+    assert graphed._lookup("a", capture("a")) == "graph a" and captured == ["a"]  # replayed
+    assert graphed._lookup("b", capture("b")) is None  # a signature met once (a last, smaller batch) costs nothing
+    assert (graphed.captures, graphed.replays, graphed.calls) == (1, 2, {"a": 3, "b": 1})
+    assert GraphedFunction(lambda x: (x,), [], capture_after=1)._lookup("c", capture("c")) == "graph c"
+    with pytest.raises(ValueError, match="capture_after"):
+        GraphedTrainingPass(nn.Linear(2, 2), capture_after=0)

@@ -149,8 +149,9 @@ def sample_crop_boxes(
     top = torch.minimum(torch.floor(u_top * (height - crop_h + 1)), height - crop_h)
     left = torch.minimum(torch.floor(u_left * (width - crop_w + 1)), width - crop_w)
     boxes = torch.stack([top, left, crop_h, crop_w], dim=1).long()
-    fallback = torch.tensor(crop_params(height, width, ratio), device=boxes.device)
-    return torch.where(valid.any(dim=1, keepdim=True), boxes, fallback)
+    # the fallback as Python scalars: a tensor built from them would be a host-to-device copy that waits for the GPU
+    fallback, found = crop_params(height, width, ratio), valid.any(dim=1)
+    return torch.stack([torch.where(found, boxes[:, i], fallback[i]) for i in range(4)], dim=1)
 
 
 def crop_params(height: int, width: int, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:

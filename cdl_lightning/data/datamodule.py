@@ -11,14 +11,15 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from typing_extensions import override
 
 from cdl_lightning.data.augment import EvalResize, RandomResizedCropFlip
 from cdl_lightning.data.datasets import EvalCrop, PredictCollate, PredictDataset, TaskDataset, TrainCrop
+from cdl_lightning.data.device_loader import DeviceImages, DeviceLoader, ResumableDeviceLoader, device_bytes
 from cdl_lightning.data.folder import _cpu_count, list_images
 from cdl_lightning.data.loaders import ResumableDataLoader, ResumableSampler, derive_seed
-from cdl_lightning.data.source import DataSource, Split
+from cdl_lightning.data.source import ArrayDataset, DataSource, Split
 from cdl_lightning.data.splits import (
     interleave_classes,
     remap_labels,
@@ -76,6 +77,10 @@ class ContinualDataModule(LightningDataModule):
         persistent_workers: Keep workers alive between iterations of one loader. Off by default: the loaders are
             rebuilt every epoch (the task sequence), so each loader is iterated once and persistence saves nothing.
         predict_root: Folder of images (searched recursively) served by `predict_dataloader` for ``cdl predict``.
+        device_data: Serve a fixed-size source's training and evaluation batches from one uint8 copy of each split on
+            the training device (`DeviceLoader`: indexed there in the same order, same batches, bitwise the same
+            results and resume; no worker processes, no host-to-device copies). ``None``: on when training on CUDA
+            with a fixed-size source whose split takes at most a quarter of the GPU's memory. File sources never.
 
     Raises:
         ValueError: Class order not a permutation, classes not splittable into the tasks, bad sizes.
@@ -103,6 +108,7 @@ class ContinualDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
         predict_root: str | None = None,
+        device_data: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -160,6 +166,8 @@ class ContinualDataModule(LightningDataModule):
         self._targets: dict[str, np.ndarray] = {}
         self._datasets: dict[tuple[str, tuple[int, ...]], TaskDataset] = {}
         self._summary_logged = False
+        self.device_data = device_data
+        self._device_images: dict[str, DeviceImages] = {}
 
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
@@ -222,11 +230,14 @@ class ContinualDataModule(LightningDataModule):
             self._summary_logged = True
 
     @override
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> ResumableDataLoader | ResumableDeviceLoader:
         """Training data of the current task, shuffled per ``(seed, epoch)``, resumable mid-epoch, sharded under DDP."""
         epoch, (world_size, rank) = self._epoch(), self._world()
         dataset = self.task_dataset("train", self.current_task).with_epoch(epoch)
         sampler = ResumableSampler(len(dataset), self.seed, epoch, world_size, rank, shuffle=True)
+        images = self._on_device("train", dataset)
+        if images is not None:
+            return ResumableDeviceLoader(images, dataset, sampler, self.batch_size, self.drop_last)
         return ResumableDataLoader(
             dataset,
             sampler,
@@ -371,6 +382,21 @@ class ContinualDataModule(LightningDataModule):
             return 1, 0
         return int(self.trainer.world_size), int(self.trainer.global_rank)
 
+    def _on_device(self, split: Split, dataset: Any) -> DeviceImages | None:
+        """The split's images on the training device when ``device_data`` applies (see the argument), else None."""
+        strategy = getattr(self.trainer, "strategy", None)  # (None also for a stand-in trainer without one)
+        if self.device_data is False or not self.source.fixed_size or strategy is None:
+            return None
+        device = strategy.root_device
+        if self.device_data is None:
+            if device.type != "cuda" or not isinstance(dataset.base, ArrayDataset):
+                return None
+            if device_bytes(dataset) * 4 > torch.cuda.get_device_properties(device).total_memory:
+                return None
+        if split not in self._device_images or self._device_images[split].device != device:
+            self._device_images[split] = DeviceImages(dataset.base, device)
+        return self._device_images[split]
+
     def _loader_kwargs(self) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
@@ -383,6 +409,9 @@ class ContinualDataModule(LightningDataModule):
         sampler = None
         if world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        images = self._on_device("test", dataset)
+        if images is not None:
+            return DeviceLoader(images, dataset, sampler or SequentialSampler(dataset), self.eval_batch_size)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

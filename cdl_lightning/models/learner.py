@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from typing_extensions import override
 
+from cdl_lightning.models.fast_paths import FastPaths
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
 from cdl_lightning.nn.kd import DistillationMethod, NoDistillation
@@ -21,9 +22,6 @@ from cdl_lightning.tasks import TaskSchedule
 
 PromptFactory = Callable[[int, int, int], PromptPool]
 """Builds a prompt pool from ``(embed_dim, key_dim, num_tasks)``; in YAML a ``class_path`` with ``init_args``."""
-
-MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-"""Trainer precisions under which frozen matmul weights are stored in the autocast dtype (``cast_frozen_weights``)."""
 
 
 def quarter_cosine(epoch_in_task: int, epochs_per_task: int, off_by_one: bool = False) -> float:
@@ -168,7 +166,8 @@ class PromptLearner(LightningModule):
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
         self.strict_loading = False  # checkpoints omit the frozen backbone
-        self.graph_runners: dict[str, GraphedFunction | GraphedTrainingPass] = {}  # created on first use (CUDA only)
+        # the speed paths (casting, compile, CUDA graphs) as one component; its flags are these arguments
+        self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs)
 
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
@@ -252,32 +251,26 @@ class PromptLearner(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        dtype = MIXED_PRECISION_DTYPES.get(str(self.trainer.precision))
-        if dtype is not None and self.hparams.get("cast_frozen_weights", True):
-            self.cast_frozen_weights_(dtype)
+        self.fast_paths.cast(self.frozen_vits(), str(self.trainer.precision))
 
     @override
     def configure_model(self) -> None:
-        if not self.hparams.compile or getattr(self, "_compiled", False):
-            return
-        for vit in self.frozen_vits():
-            vit.compile()  # the prompted forward
-            vit.vit.forward_features = torch.compile(vit.vit.forward_features)  # the query pass
-        self._compiled = True
+        self.fast_paths.compile_(self.frozen_vits())
 
     # ----------------------------------------------------------------------------------------------------- forward
     @property
     def uses_cuda_graphs(self) -> bool:
         """``cuda_graphs`` is on and ``compile`` is off (the compiled passes are not captured)."""
-        return bool(self.hparams.get("cuda_graphs", True)) and not self.hparams.get("compile", False)
+        return self.fast_paths.uses_cuda_graphs
+
+    @property
+    def graph_runners(self) -> dict[str, GraphedFunction | GraphedTrainingPass]:
+        """The CUDA graph wrappers by name (`FastPaths.runners`)."""
+        return self.fast_paths.runners
 
     def graphed(self, name: str, fn: Callable[..., tuple[Tensor, ...]], modules: list[torch.nn.Module]) -> Callable:
         """``fn`` run from CUDA graphs when ``cuda_graphs`` is on (a no-op wrapper off CUDA), created once per name."""
-        if not self.uses_cuda_graphs:
-            return fn
-        if name not in self.graph_runners:
-            self.graph_runners[name] = GraphedFunction(fn, modules)
-        return self.graph_runners[name]
+        return self.fast_paths.graphed(name, fn, modules)
 
     def _query_pass(self, images: Tensor) -> tuple[Tensor]:
         return (self.classifier.query(images),)
@@ -293,11 +286,7 @@ class PromptLearner(LightningModule):
 
     def student_forward(self, images: Tensor, task: int, train: bool, query: Tensor | None = None) -> ClassifierOutput:
         inputs = self.method.student_inputs()
-        run_backbone = None
-        if train and self.uses_cuda_graphs and images.is_cuda:
-            if "train" not in self.graph_runners:
-                self.graph_runners["train"] = GraphedTrainingPass(self.classifier.backbone)
-            run_backbone = self.graph_runners["train"]
+        run_backbone = self.fast_paths.training_pass(self.classifier.backbone, images.is_cuda) if train else None
         return self.classifier(images, task, train, query=query, prefixes=inputs.prefixes, prepend=inputs.prepend,
                                append=inputs.append, return_blocks=train and self.method.needs_student_blocks,
                                run_backbone=run_backbone)
@@ -333,7 +322,8 @@ class PromptLearner(LightningModule):
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
-        self.log("train/task", float(task), prog_bar=True, batch_size=batch_size)
+        # filled on the device: a Python float would be copied to it, and that copy waits for the GPU every step
+        self.log("train/task", torch.full((), float(task), device=loss.device), prog_bar=True, batch_size=batch_size)
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor], task: int) -> dict[str, Tensor]:

@@ -56,14 +56,20 @@ def _capture_autocast() -> torch.autocast:
 
 class _GraphCache:
     """What both graph wrappers share: captured graphs keyed by input signature, least recently used out first,
-    re-captured when the storage of the modules they read moved, and switched off for good after a failed capture."""
+    re-captured when the storage of the modules they read moved, and switched off for good after a failed capture.
+    A signature is captured on its ``capture_after``-th call; the calls before run eagerly (the same kernels, so the
+    same numbers): a signature met once, such as the last, smaller batch of a one-epoch task, costs no capture."""
 
-    def __init__(self, modules: Sequence[nn.Module], max_graphs: int, warmup: int) -> None:
+    def __init__(self, modules: Sequence[nn.Module], max_graphs: int, warmup: int, capture_after: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if capture_after < 1:
+            raise ValueError(f"capture_after must be >= 1, got {capture_after}")
         self.modules = list(modules)
         self.max_graphs = max_graphs
         self.warmup = warmup
+        self.capture_after = capture_after
+        self.calls: dict[Hashable, int] = {}
         self.graphs: OrderedDict[Hashable, tuple[object, tuple[int, ...]]] = OrderedDict()
         self.disabled_reason: str | None = None
         self.captures = 0
@@ -77,10 +83,14 @@ class _GraphCache:
         return tuple(t.data_ptr() for m in self.modules for t in (*m.parameters(), *m.buffers()))
 
     def _lookup(self, key: Hashable, capture: Callable[[], object | None]) -> object | None:
-        """The graph for ``key``, captured by ``capture()`` if missing or stale; ``None`` if capture failed."""
+        """The graph for ``key``, captured by ``capture()`` if missing or stale; ``None`` (run eagerly) before the
+        key's ``capture_after``-th call or if capture failed."""
+        self.calls[key] = self.calls.get(key, 0) + 1
         storage = self._storage()
         entry = self.graphs.get(key)
         if entry is None or entry[1] != storage:
+            if self.calls[key] < self.capture_after:
+                return None  # not (yet) worth a capture: the caller runs this call eagerly
             graph = capture()
             if graph is None:
                 return None
@@ -109,6 +119,7 @@ class GraphedFunction(_GraphCache):
             moved (e.g. after ``.to(device)``).
         max_graphs: graphs kept (least recently used first out); each holds its own memory pool.
         warmup: eager calls on a side stream before capture (lazy initialisation, cuBLAS workspaces, compilation).
+        capture_after: a signature is captured on its ``capture_after``-th call (the earlier ones run eagerly).
     """
 
     def __init__(
@@ -117,8 +128,9 @@ class GraphedFunction(_GraphCache):
         modules: Sequence[nn.Module] = (),
         max_graphs: int = 4,
         warmup: int = 2,
+        capture_after: int = 2,
     ) -> None:
-        super().__init__(modules, max_graphs, warmup)
+        super().__init__(modules, max_graphs, warmup, capture_after)
         self.fn = fn
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
@@ -193,10 +205,11 @@ class GraphedTrainingPass(_GraphCache):
         vit: the frozen prompted ViT.
         max_graphs: graph pairs kept (least recently used first out); each holds the pass's activations.
         warmup: eager forward+backward iterations before capture.
+        capture_after: a signature is captured on its ``capture_after``-th call (the earlier ones run eagerly).
     """
 
-    def __init__(self, vit: nn.Module, max_graphs: int = 2, warmup: int = 3) -> None:
-        super().__init__([vit], max_graphs, warmup)
+    def __init__(self, vit: nn.Module, max_graphs: int = 2, warmup: int = 3, capture_after: int = 2) -> None:
+        super().__init__([vit], max_graphs, warmup, capture_after)
         self.vit = vit
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:

@@ -246,6 +246,16 @@ def create_vit(
         if not path.is_file():
             raise FileNotFoundError(f"backbone checkpoint_path {str(path)!r} does not exist; point it at a timm/HF "
                                     f"weights file (.pth, .bin, .safetensors or .npz) for {name!r}")
+        if path.suffix != ".npz":
+            # every weight comes from the file: build without the random initialisation (seconds for a ViT-B on a CPU)
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **kwargs)
+            # (a buffer, or a head the file's head weights are not loaded into, would stay uninitialised)
+            if not any(True for _ in model.buffers()) and not any(n.startswith("head.") for n, _ in
+                                                                   model.named_parameters()):
+                model = model.to_empty(device="cpu")
+                load_local_weights(model, path)  # raises unless the file sets every parameter
+                return model
         model = timm.create_model(name, pretrained=False, **kwargs)
         load_local_weights(model, path)
         return model

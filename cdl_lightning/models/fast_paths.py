@@ -1,0 +1,94 @@
+"""`FastPaths`: a learner's speed paths (frozen-weight casting, ``torch.compile``, CUDA graphs) as one component.
+
+Pure torch (no Lightning): the learner holds one instance built from its ``compile`` / ``cast_frozen_weights`` /
+``cuda_graphs`` arguments and asks it for the passes to run; a script may flip the flags on the instance before the
+first step (``model.fast_paths.cuda_graphs = False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
+from cdl_lightning.nn.vit import PromptedViT
+
+__all__ = ["FastPaths", "MIXED_PRECISION_DTYPES"]
+
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+"""Trainer precisions under which frozen matmul weights are stored in the autocast dtype (``cast_frozen_weights``)."""
+
+
+class FastPaths:
+    """The speed paths of a prompt learner; none of them changes a number (``benchmarks/check_fast_paths.py``).
+
+    Args:
+        compile: ``torch.compile`` every frozen ViT pass (prompted forward and query pass) in `compile_`, *instead of*
+            CUDA graphs (the compiled passes are not captured).
+        cast_frozen_weights: `cast` stores the frozen ViTs' Linear/Conv weights in the autocast dtype of a mixed
+            precision (autocast would re-cast them on every pass; bit-identical results).
+        cuda_graphs: on CUDA, replay the frozen passes from CUDA graphs: the gradient-free ones through `graphed`
+            (`GraphedFunction`), the prompted training pass forward and backward through `training_pass`
+            (`GraphedTrainingPass`).
+
+    Attributes:
+        runners: the graph wrappers by name (created on first use, CUDA only).
+    """
+
+    def __init__(self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True) -> None:
+        self.compile = compile
+        self.cast_frozen_weights = cast_frozen_weights
+        self.cuda_graphs = cuda_graphs
+        self.runners: dict[str, GraphedFunction | GraphedTrainingPass] = {}
+        self._compiled = False
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """``cuda_graphs`` is on and ``compile`` is off."""
+        return bool(self.cuda_graphs) and not self.compile
+
+    def graphed(self, name: str, fn: Callable, modules: Sequence[nn.Module]) -> Callable:
+        """``fn`` (a gradient-free pass reading ``modules``) run from CUDA graphs when they are on (the wrapper runs
+        it eagerly off CUDA or under autograd), one wrapper per ``name``; ``fn`` itself when they are off."""
+        if not self.uses_cuda_graphs:
+            return fn
+        if name not in self.runners:
+            self.runners[name] = GraphedFunction(fn, list(modules))
+        return self.runners[name]
+
+    def training_pass(self, vit: nn.Module, on_cuda: bool) -> GraphedTrainingPass | None:
+        """The graphed forward+backward of the prompted ``vit`` for a training step on CUDA, else ``None`` (eager)."""
+        if not (on_cuda and self.uses_cuda_graphs):
+            return None
+        if "train" not in self.runners:
+            self.runners["train"] = GraphedTrainingPass(vit)
+        return self.runners["train"]  # type: ignore[return-value]
+
+    def cast(self, vits: Sequence[PromptedViT], precision: str | torch.dtype | None) -> None:
+        """Store the frozen weights of ``vits`` in the autocast dtype of ``precision`` (a trainer precision string such
+        as ``"bf16-mixed"`` or a dtype) when ``cast_frozen_weights`` is on; full precisions leave them alone."""
+        dtype = precision if isinstance(precision, torch.dtype) else MIXED_PRECISION_DTYPES.get(str(precision))
+        if dtype is None or not self.cast_frozen_weights:
+            return
+        for vit in vits:
+            vit.cast_matmul_weights_(dtype)
+
+    def compile_(self, vits: Sequence[PromptedViT]) -> None:
+        """``torch.compile`` the prompted forward and the query pass of ``vits`` (once) when ``compile`` is on."""
+        if not self.compile or self._compiled:
+            return
+        for vit in vits:
+            vit.compile()  # the prompted forward
+            vit.vit.forward_features = torch.compile(vit.vit.forward_features)  # the query pass
+        self._compiled = True
+
+    def reset(self) -> None:
+        """Drop every captured graph (e.g. between benchmark cases)."""
+        for runner in self.runners.values():
+            runner.reset()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
+                f"cuda_graphs={self.cuda_graphs}, runners={sorted(self.runners)})")

@@ -1,0 +1,45 @@
+"""benchmarks/e2e.py --tiny: the real `cdl fit` with the phase timer, on CPU, as CI runs it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cdl_lightning.data import ContinualDataModule, SyntheticShapes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    begin = time.time()
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/e2e.py"), "--tiny", "--no-step", "--no-progress-bar",
+         "--out", str(tmp_path / "runs"), "--json", str(out), "--", "--evaluation.print_table", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    outer_wall = time.time() - begin
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    seconds = result["seconds"]
+    assert set(seconds) == {"startup", "train", "validation", "checkpoint", "other"}
+    # the phases partition the run's wall time (rounded to ms each) ...
+    assert math.isclose(sum(seconds.values()), result["wall"], abs_tol=0.01)
+    # ... which is the subprocess's lifetime minus what follows the fit (the report, interpreter exit)
+    assert result["wall"] <= outer_wall
+    assert result["wall"] >= outer_wall - 5.0
+    assert seconds["startup"] > 0 and seconds["train"] > 0 and seconds["validation"] > 0
+    assert seconds["checkpoint"] > 0  # last.ckpt is written every epoch
+    # every training image of the 2 tasks went through exactly one step, in batches of 16
+    dm = ContinualDataModule(SyntheticShapes(), num_tasks=2)
+    per_task = [len(dm.task_dataset("train", t)) for t in range(2)]
+    assert result["train_images"] == sum(per_task)
+    assert result["train_batches"] == sum(math.ceil(n / 16) for n in per_task)
+    assert result["train_img_per_s"] == round(sum(per_task) / seconds["train"], 1)
+    assert result["fraction_of_step_rate"] is None  # --no-step
+    printed = next(line for line in run.stdout.splitlines() if line.startswith('{"bench": "cdl-e2e"'))
+    assert json.loads(printed)["seconds"] == seconds
