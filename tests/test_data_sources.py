@@ -55,8 +55,8 @@ def test_synthetic_dataset_items():
     assert SyntheticShapes.fixed_size
 
 
-def test_npz_pack_tiny_imagenet():
-    path = SHARED_DATA / "tiny-imagenet-ci.npz"
+def test_npz_pack_tiny_imagenet(shared_pack):
+    path = shared_pack("tiny-imagenet-ci.npz")  # skips with a reason when ../shared/data is absent
     source = NpzSource(str(path))
     assert source.num_classes == 20 and source.class_names[0].startswith("goldfish")
     assert len(source.labels("train")) == 800 and len(source.labels("test")) == 200  # val used as test
