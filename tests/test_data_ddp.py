@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -52,6 +54,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two DDP processes (gloo) started in a subprocess
 def test_ddp_train_shards_and_exact_validation(tmp_path):
     script = tmp_path / "ddp_data.py"
     script.write_text(SCRIPT)
