@@ -283,6 +283,7 @@ def test_defaults_from_hparams_output_styles_and_errors(tmp_path):
         make_trainer(tmp_path, [callback]).fit(LinearClassifier(output_style="none"), datamodule=ToyTasks())
 
 
+@pytest.mark.slow  # two DDP processes (gloo) started in a subprocess
 def test_ddp_matrix_equals_single_process(tmp_path):
     single = run_fixed_weights(tmp_path / "single", devices=1)
     env = {

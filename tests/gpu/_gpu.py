@@ -1,7 +1,11 @@
 """Shared pieces of the GPU suite (``python -m pytest -m gpu tests/gpu``): markers, tiny models, a Trainer fit.
 
-Nothing here needs jsonargparse (absent on the GPU machine unless installed from wheels): the tests build models and
-trainers from Python; the one that drives ``cdl`` through its CLI imports it lazily and skips without it.
+Run from the repository root: ``python -m pytest -m gpu tests/gpu -q`` (``make test-gpu``); every test skips without
+CUDA, the DDP test also with fewer than 2 GPUs. Nothing here imports the CLI, so jsonargparse (absent on the project's
+GPU machine unless installed from wheels) is not needed: the tests build models and trainers from Python. On that
+machine: ``cd <copy of the repo> && PYTHONPATH=$PWD python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider``,
+on the 2-GPU kind for the DDP test. To switch the expectation of the graph counters when evaluation and teacher graphs
+stop being captured per task, flip `GRAPHS_SHARED_ACROSS_TASKS` below (one line).
 """
 
 from __future__ import annotations

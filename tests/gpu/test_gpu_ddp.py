@@ -18,10 +18,14 @@ pytestmark = [*GPU, TWO_GPUS]
 
 SCRIPT = Path(__file__).resolve().parent / "_ddp_eval.py"
 REPO = Path(__file__).resolve().parents[2]
+# NVLink multicast stays off in NCCL/PyTorch/NVSHMEM (shared machines: see the device notes), also in the children
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def run(tmp_path: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for name, value in NO_MULTICAST.items():
+        env.setdefault(name, value)
     done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=540)
     assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
