@@ -1,8 +1,9 @@
-# The two entry points of the README: `make demo` and `make test` (each installs first).
+# The entry points of the README: `make demo`, `make test` (the fast suite) and `make test-all` (everything CI runs);
+# each installs first. `make test-gpu` runs the CUDA suite (tests/gpu) on a GPU machine, without installing.
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install -q -e '.[dev]'
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-all test-gpu lint
 
 install:
 	$(PIP_INSTALL)
@@ -20,8 +21,18 @@ demo: install
 	cdl fit --config configs/demo/student_none.yaml
 	cdl compare runs/demo/teacher runs/demo/student_kdp runs/demo/student_none --names teacher "KDP student" "plain student"
 
+# the fast suite (a few minutes on 2 CPU cores): everything except the tests marked slow (notebooks, torch.compile,
+# subprocess runs) and the GPU suite
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not slow and not gpu"
+
+# everything that runs on a CPU machine (CI): the fast suite and the slow tests
+test-all: install
+	$(PYTHON) -m pytest -m "not gpu"
+
+# the CUDA suite (bitwise fast paths vs eager, graph counters, exact resume; 2-GPU DDP evaluation when 2 GPUs exist)
+test-gpu:
+	$(PYTHON) -m pytest -m gpu tests/gpu
 
 lint:
 	ruff check cdl_lightning tests benchmarks

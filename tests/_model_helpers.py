@@ -1,11 +1,15 @@
-"""Helpers shared by the model tests: the task-loop trainer and the accuracy-matrix shape check."""
+"""Helpers shared by the model tests: the task-loop trainer and the accuracy-matrix check against the model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from cdl_lightning.data import ContinualDataModule
 
 NUM_TASKS = 2
 EPOCHS_PER_TASK = 2
@@ -29,10 +33,27 @@ def make_trainer(
     )
 
 
-def assert_full_matrix(matrix: torch.Tensor) -> None:
-    """Every seen-task entry ``R[t, j], j <= t`` is a percentage; the upper triangle is NaN."""
+def assert_full_matrix(matrix: torch.Tensor, model: torch.nn.Module, data: ContinualDataModule) -> None:
+    """The matrix a fit of ``model`` on ``data`` must have produced: ``NaN`` above the diagonal; every seen-task entry
+    ``R[t, j], j <= t`` is a count of correct test images of task ``j`` in percent (``100 k / n_j``, ``k`` integer);
+    and the last row equals the per-task accuracies recomputed here, independently of the callback and its metric,
+    from the fitted model's own predictions on the test data of every task."""
     lower = torch.tril(torch.ones(NUM_TASKS, NUM_TASKS, dtype=torch.bool))
     assert matrix.shape == (NUM_TASKS, NUM_TASKS)
-    assert torch.isfinite(matrix[lower]).all(), matrix
-    assert ((matrix[lower] >= 0) & (matrix[lower] <= 100)).all(), matrix
     assert torch.isnan(matrix[~lower]).all(), matrix
+    dataset = data.task_dataset("test", list(range(NUM_TASKS)))
+    correct, total = torch.zeros(NUM_TASKS, dtype=torch.long), torch.zeros(NUM_TASKS, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for images, targets, task_ids in DataLoader(dataset, batch_size=data.eval_batch_size, shuffle=False):
+            preds = model(data.preprocess(images, train=False), NUM_TASKS - 1).argmax(1)
+            correct += torch.bincount(task_ids[preds == targets], minlength=NUM_TASKS)
+            total += torch.bincount(task_ids, minlength=NUM_TASKS)
+    model.train(was_training)
+    for t in range(NUM_TASKS):
+        for j in range(t + 1):
+            count = matrix[t, j].item() * total[j].item() / 100
+            assert abs(count - round(count)) < 1e-6, (t, j, matrix)
+    expected = (100.0 * correct / total).tolist()
+    assert matrix[-1].tolist() == pytest.approx(expected, abs=1e-9), (matrix, expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,11 +56,18 @@ def tiny_override(tmp_path: Path, query_backbone: bool = False) -> str:
     return str(path)
 
 
-def run_fit(configs: list[Path | str], tmp_path: Path) -> dict:
+def run_fit(configs: list[Path | str], workdir: Path) -> list[str]:
+    """``cdl fit --config C1 --config C2 ...`` with ``workdir`` as the working directory (the configs write their runs
+    to relative ``runs/...``); returns the argument list it ran."""
     args = ["fit"]
     for config in configs:
         args += ["--config", str(config)]
-    cli_main(expand_config_args(args))
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cli_main(expand_config_args(args))
+    finally:
+        os.chdir(previous)
     return args
 
 

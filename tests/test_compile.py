@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from cdl_lightning.models import PromptLearner
@@ -11,6 +12,7 @@ from cdl_lightning.nn import BackboneConfig
 from cdl_lightning.nn.prompts import CodaPrompt
 
 
+@pytest.mark.slow  # torch.compile: about a minute of compilation on 2 cores
 def test_compiled_learner_matches_eager():
     backbone = BackboneConfig(name="vit_tiny_patch16_224",
                               model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2))

@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -52,12 +53,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two DDP processes (gloo) started in a subprocess
 def test_ddp_train_shards_and_exact_validation(tmp_path):
     script = tmp_path / "ddp_data.py"
     script.write_text(SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

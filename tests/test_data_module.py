@@ -222,6 +222,7 @@ def _fit(tmp_path, ckpt_path=None, every=None):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=tmp_path,  # Lightning's default checkpoint callback writes here, not into the cwd
         callbacks=callbacks,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)

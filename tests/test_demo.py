@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -17,6 +18,7 @@ SHORT = ["--data.epochs_per_task", "1", "--trainer.limit_train_batches", "3", "-
          "--evaluation.print_table", "false"]
 
 
+@pytest.mark.slow  # pretrains two ViTs and runs three CLI fits: minutes on 2 cores
 def test_demo_pipeline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for side, width in (("teacher", 96), ("student", 48)):

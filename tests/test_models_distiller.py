@@ -172,7 +172,7 @@ def test_student_fit_with_every_method(teacher, tmp_path, method_cls):
 
     steps = NUM_TASKS * EPOCHS_PER_TASK * 4
     assert len(recorder.losses) == steps and all(math.isfinite(x) for x in recorder.losses), recorder.losses
-    assert_full_matrix(evaluation.matrix)
+    assert_full_matrix(evaluation.matrix, distiller, data)
     assert len(distiller.task_snapshots) == NUM_TASKS
     assert not any(recorder.student_backbone_training)
     # only the student's trainable parameters are optimized (prompt, head, method's own parameters)
@@ -310,7 +310,7 @@ def test_query_shared_when_teacher_query_backbone_is_the_students(shared_query_t
     shared.classifier.backbone.query = query
     evaluation = ContinualEvaluation(print_table=False, log_image=False)
     make_trainer(tmp_path, epochs_per_task=1, callbacks=[evaluation]).fit(shared, data)
-    assert_full_matrix(evaluation.matrix)
+    assert_full_matrix(evaluation.matrix, shared, data)
     assert shared.teacher_task == 1
 
 

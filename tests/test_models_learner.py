@@ -163,7 +163,7 @@ def test_fit_opens_each_task_once_and_snapshots_each_task(coda_run):
     }
     for key in snap0:
         assert not torch.equal(snap0[key], snap1[key]), key
-    assert_full_matrix(coda_run.evaluation.matrix)
+    assert_full_matrix(coda_run.evaluation.matrix, coda_run.model, coda_run.data)
     assert all(math.isfinite(loss) for loss in coda_run.recorder.losses)
     assert len(coda_run.recorder.losses) == NUM_TASKS * EPOCHS_PER_TASK * 4  # 32 images per task, batch 8
 
@@ -312,7 +312,7 @@ def test_learning_rate_per_epoch_restarts_every_task(tmp_path, schedule, off_by_
     trainer.fit(model, data)
     expected = [2e-3 * f for f in factors] * NUM_TASKS
     assert recorder.lrs == pytest.approx(expected, rel=1e-12, abs=0)
-    assert_full_matrix(evaluation.matrix)
+    assert_full_matrix(evaluation.matrix, model, data)
     assert len(model.task_snapshots) == NUM_TASKS
 
 

@@ -268,7 +268,7 @@ def test_l2p_uniform_init_reference():
     assert pool.keys.shape == (1, 30, DQ) and pool.prompts.shape == (1, 30, 20, D)
     assert pool.layers == (0,)
     for p in (pool.keys, pool.prompts):
-        assert p.min() >= 0 and p.max() <= 1
+        assert p.min() >= 0 and p.max() <= 1 and abs(p.mean().item() - 0.5) < 1.2 / p.numel() ** 0.5  # U(0, 1): 4 sd
 
 
 def test_l2p_gradient_only_for_selected_prompts_and_keys():
@@ -372,7 +372,7 @@ def test_dualprompt_reference_defaults_uniform_init():
     assert pool.g_prompts.shape == (2, 6, D)
     assert pool.e_keys.shape == (3, 10, DQ) and pool.e_prompts.shape == (3, 10, 20, D)
     for p in (pool.g_prompts, pool.e_keys, pool.e_prompts):
-        assert p.min() >= 0 and p.max() <= 1
+        assert p.min() >= 0 and p.max() <= 1 and abs(p.mean().item() - 0.5) < 1.2 / p.numel() ** 0.5  # U(0, 1): 4 sd
 
 
 def test_dualprompt_validation():

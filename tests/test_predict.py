@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
+import torch
 from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 from PIL import Image
 
@@ -31,7 +33,7 @@ def common(save_dir) -> list[str]:
 
 
 def test_cdl_predict_writes_a_class_per_file(tmp_path):
-    cli_main(["fit", *common(tmp_path / "runs")])
+    fitted = cli_main(["fit", *common(tmp_path / "runs")]).model
     checkpoint = tmp_path / "runs" / "student" / "checkpoints" / "last.ckpt"
     folder = tmp_path / "images" / "nested"
     folder.mkdir(parents=True)
@@ -41,7 +43,7 @@ def test_cdl_predict_writes_a_class_per_file(tmp_path):
         size = 24 + 8 * i  # any size: resized / centre-cropped to the model's input
         Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8)).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    cli_main(
+    predicted = cli_main(
         [
             "predict",
             *common(tmp_path / "runs"),
@@ -59,7 +61,19 @@ def test_cdl_predict_writes_a_class_per_file(tmp_path):
     class_names = [
         f"{shape}_{c // 8}" for c, shape in enumerate(["disk", "square", "ring", "plus", "triangle", "bars"])
     ]
+    # independently of predict_step and the writer: the fitted model (in memory, not reloaded from the checkpoint) on
+    # the same preprocessed images gives each file's class (argmax) and score (top softmax probability)
+    data = predicted.datamodule
+    fitted.eval()
+    expected = {}
+    with torch.no_grad():
+        for images, index in data.predict_dataloader():
+            probs = torch.softmax(fitted(data.preprocess(images, train=False), 1).float(), dim=1)
+            for i, p in zip(index.tolist(), probs, strict=True):
+                expected[str(data.predict_paths[i])] = p
+    assert len(expected) == len(names)
     for row in rows:
-        index = int(row["class_index"])
-        assert 0 <= index < 6 and row["class_name"] == class_names[index]
-        assert 1 / 6 <= float(row["score"]) <= 1.0
+        index, probs = int(row["class_index"]), expected[row["file"]]
+        assert row["class_name"] == class_names[index]
+        assert index == int(probs.argmax())
+        assert float(row["score"]) == pytest.approx(probs.max().item(), abs=1e-6)  # the CSV rounds to 6 digits
