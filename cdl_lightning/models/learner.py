@@ -122,6 +122,14 @@ class PromptLearner(LightningModule):
         self.strict_loading = False  # checkpoints omit the frozen backbone
         self.graph_runners: dict[str, GraphedFunction | GraphedTrainingPass] = {}  # created on first use (CUDA only)
 
+    @classmethod
+    def load_for_inference(cls, path: str, map_location: str | torch.device = "cpu") -> PromptLearner:
+        """A trained learner or student from its checkpoint (or run folder) alone, in eval mode: no teacher, no
+        optimizer state, no training-only parts (see `cdl_lightning.models.inference.load_for_inference`)."""
+        from cdl_lightning.models.inference import load_for_inference
+
+        return load_for_inference(path, map_location, expected_class=cls)
+
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
     def current_task(self) -> int:
