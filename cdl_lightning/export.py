@@ -255,10 +255,13 @@ def read_sidecar(path: str | Path) -> tuple[dict[str, Any], Path]:
 
 
 def check_compatible(metadata: dict[str, Any], model: PromptLearner, task: int | None = None) -> None:
-    """Refuse an export that does not match ``model`` (timm model, input size, classes), naming every difference."""
+    """Refuse an export that does not match ``model`` (timm model, backbone width and depth, input size, classes),
+    naming every difference."""
     graph = InferenceGraph(model, task)
     expected = {
         "timm model": (metadata["timm_model"], model.backbone_config.name),
+        "backbone width": (metadata["model"]["embed_dim"], model.classifier.backbone.embed_dim),
+        "backbone depth": (metadata["model"]["depth"], model.classifier.backbone.depth),
         "number of classes": (metadata["classes"]["num_classes"], graph.num_classes),
         "input size": (list(metadata["input"]["shape"][2:]), list(graph.input_size)),
         "class names": (metadata["classes"]["names"], list(model.class_names[: graph.num_classes])),
