@@ -218,3 +218,19 @@ def test_refuses_a_mismatched_model(exports):
 def test_export_of_a_distiller_builds_no_teacher(exports):
     model = exports["kdp"].model
     assert isinstance(model, Distiller) and model.teacher is None and model.inference_only
+
+
+def test_deploy_benchmark_runs_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/deploy.py with tiny random models: a row per side and form, with sizes that make sense."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    deploy = importlib.import_module("deploy")
+    rows = deploy.main(["--random", "tiny", "--device", "cpu", "--forms", "checkpoint", "pt2", "--batch", "4",
+                        "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert [(r.side, r.form) for r in rows] == [("teacher", "checkpoint"), ("teacher", "pt2"),
+                                                ("student", "checkpoint"), ("student", "pt2")]
+    teacher, student = rows[0].parameters, rows[2].parameters
+    assert teacher > student > 0 and rows[1].parameters == teacher
+    # a checkpoint holds the trainable state only; the exported program holds every weight
+    assert rows[1].file_mib > rows[0].file_mib and rows[3].file_mib > rows[2].file_mib
+    assert all(r.latency_ms > 0 and r.img_per_s > 0 for r in rows)
+    assert (tmp_path / "student.pt2").is_file()
