@@ -17,10 +17,11 @@ Rows, per side (teacher, student):
   benchmark device; the file holds every weight.
 * ``onnx``: the ONNX export (opset 18) run by onnxruntime (CUDA execution provider on CUDA if onnxruntime has it, else
   the row says why it was skipped).
-All in fp32, eval mode, inputs random ``[0, 1]`` images at the model's size. Latency: the median of ``--steps``
-individually synchronised batch-1 calls after ``--warmup`` calls; throughput: ``--steps`` back-to-back batch calls,
-synchronised at the end. ``--random``: a CODA-Prompt teacher (pool 100, length 8, layers 0-4) and a KDP student with
-CODA-Prompt, 10 tasks x 10 classes, random weights, written as checkpoints (no optimizer state) and read back.
+All in fp32, eval mode, inputs random ``[0, 1]`` images at the model's size. After ``--warmup`` calls of each size,
+``--steps`` individually synchronised calls of batch 1 and of ``--batch``: latency = the median batch-1 time,
+throughput = ``--batch`` / the median batch time. ``--random``: a CODA-Prompt teacher (pool 100, length 8,
+layers 0-4) and a KDP student with CODA-Prompt, 10 tasks x 10 classes, random weights, written as checkpoints (no
+optimizer state) and read back.
 Prints the machine, one JSON line per row and a Markdown table.
 """
 
@@ -98,7 +99,8 @@ def synchronize(device: torch.device) -> None:
 
 def measure(call: Callable[[Tensor], object], make: Callable[[int], Tensor], batch: int, device: torch.device,
             warmup: int, steps: int) -> tuple[float, float]:
-    """(median batch-1 latency in ms, throughput in images/s at ``batch``)."""
+    """(median batch-1 latency in ms, throughput in images/s at ``batch`` from the median batch time); every call is
+    synchronised and timed alone, so the medians shrug off the spikes of a shared machine."""
     one, many = make(1), make(batch)
     for _ in range(warmup):
         call(one)
@@ -110,12 +112,13 @@ def measure(call: Callable[[Tensor], object], make: Callable[[int], Tensor], bat
         call(one)
         synchronize(device)
         latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    batch_times = []
     for _ in range(steps):
+        start = time.perf_counter()
         call(many)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    return 1000 * statistics.median(latencies), batch * steps / elapsed
+        synchronize(device)
+        batch_times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(latencies), batch / statistics.median(batch_times)
 
 
 def bench_side(side: str, checkpoint: Path, args: argparse.Namespace, device: torch.device, out: Path) -> list[Row]:
