@@ -18,10 +18,11 @@ Rows, per side (teacher, student):
 * ``onnx``: the ONNX export (opset 18) run by onnxruntime (CUDA execution provider on CUDA if onnxruntime has it, else
   the row says why it was skipped).
 All in fp32, eval mode, inputs random ``[0, 1]`` images at the model's size. After ``--warmup`` calls of each size,
-``--steps`` individually synchronised calls of batch 1 and of ``--batch``: latency = the median batch-1 time,
+``--steps`` rounds, each calling every row once at batch 1 and once at ``--batch`` (interleaved, so a shared machine's
+load affects all rows alike), every call synchronised and timed alone: latency = the median batch-1 time,
 throughput = ``--batch`` / the median batch time. ``--random``: a CODA-Prompt teacher (pool 100, length 8,
-layers 0-4) and a KDP student with CODA-Prompt, 10 tasks x 10 classes, random weights, written as checkpoints (no
-optimizer state) and read back.
+layers 0-4) and a KDP student with CODA-Prompt, 10 tasks x 10 classes (``tiny``: pool 30, layers 0-3, 5 tasks x 4
+classes), random weights, written as checkpoints (no optimizer state) and read back.
 Prints the machine, one JSON line per row and a Markdown table.
 """
 
@@ -97,31 +98,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(call: Callable[[Tensor], object], make: Callable[[int], Tensor], batch: int, device: torch.device,
-            warmup: int, steps: int) -> tuple[float, float]:
-    """(median batch-1 latency in ms, throughput in images/s at ``batch`` from the median batch time); every call is
-    synchronised and timed alone, so the medians shrug off the spikes of a shared machine."""
-    one, many = make(1), make(batch)
-    for _ in range(warmup):
-        call(one)
-        call(many)
-    synchronize(device)
-    latencies = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call(one)
-        synchronize(device)
-        latencies.append(time.perf_counter() - start)
-    batch_times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call(many)
-        synchronize(device)
-        batch_times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(latencies), batch / statistics.median(batch_times)
+@dataclass
+class Runner:
+    """One thing to time: ``call`` on a batch-1 input ``one`` and a ``--batch`` input ``many``; fills ``row``."""
+
+    row: Row
+    call: Callable[[Tensor], object]
+    one: Tensor
+    many: Tensor
+    device: torch.device
 
 
-def bench_side(side: str, checkpoint: Path, args: argparse.Namespace, device: torch.device, out: Path) -> list[Row]:
+def measure_all(runners: list[Runner], warmup: int, steps: int) -> None:
+    """Time every runner, interleaved (round ``i`` calls each runner once per size), so a shared machine's load
+    drifts over all rows alike: latency = median batch-1 time (ms), throughput = batch / median batch time."""
+    with torch.no_grad():
+        for runner in runners:
+            for _ in range(warmup):
+                runner.call(runner.one)
+                runner.call(runner.many)
+            synchronize(runner.device)
+        times: dict[int, tuple[list[float], list[float]]] = {id(r): ([], []) for r in runners}
+        for _ in range(steps):
+            for runner in runners:
+                for images, record in zip((runner.one, runner.many), times[id(runner)]):
+                    start = time.perf_counter()
+                    runner.call(images)
+                    synchronize(runner.device)
+                    record.append(time.perf_counter() - start)
+    for runner in runners:
+        latencies, batch_times = times[id(runner)]
+        runner.row.latency_ms = 1000 * statistics.median(latencies)
+        runner.row.img_per_s = runner.many.shape[0] / statistics.median(batch_times)
+
+
+def prepare_side(side: str, checkpoint: Path, args: argparse.Namespace, device: torch.device, out: Path
+                 ) -> tuple[list[Runner], list[Row]]:
+    """The runners of one side (checkpoint model, exported program, ONNX session) and rows of what was skipped."""
     model = PromptLearner.load_for_inference(checkpoint, map_location=device)
     graph = InferenceGraph(model).eval()
     params = sum(p.numel() for p in graph.parameters())
@@ -133,31 +146,27 @@ def bench_side(side: str, checkpoint: Path, args: argparse.Namespace, device: to
     def make(batch: int, on: torch.device = device) -> Tensor:
         return torch.rand(batch, 3, height, width, generator=generator).to(on)
 
-    rows = []
     base = dict(side=side, model=label, parameters=params, batch=args.batch, device=str(device))
+    runners, skipped = [], []
     if "checkpoint" in args.forms:
-        with torch.no_grad():
-            latency, throughput = measure(model, make, args.batch, device, args.warmup, args.steps)
-        rows.append(Row(form="checkpoint", file_mib=checkpoint.stat().st_size / 2**20, latency_ms=latency,
-                        img_per_s=throughput, note="file: trainable state only (backbone rebuilt)", **base))
-        emit(rows[-1])
+        row = Row(form="checkpoint", file_mib=checkpoint.stat().st_size / 2**20,
+                  note="file: trainable state only (backbone rebuilt)", **base)
+        runners.append(Runner(row, model, make(1), make(args.batch), device))
     if "pt2" in args.forms:
         path = out / f"{side}.pt2"
         with torch.no_grad():
             export_pt2(graph, path, make(2))
-            module = torch.export.load(str(path)).module()
-            latency, throughput = measure(module, make, args.batch, device, args.warmup, args.steps)
-        rows.append(Row(form="pt2", file_mib=path.stat().st_size / 2**20, latency_ms=latency, img_per_s=throughput,
-                        note="torch.export", **base))
-        emit(rows[-1])
+        module = torch.export.load(str(path)).module()
+        row = Row(form="pt2", file_mib=path.stat().st_size / 2**20, note="torch.export", **base)
+        runners.append(Runner(row, module, make(1), make(args.batch), device))
     if "onnx" in args.forms:
-        rows.append(bench_onnx(side, graph, make, args, device, out, base))
-        emit(rows[-1])
-    return rows
+        runner = prepare_onnx(side, graph, make, args, device, out, base)
+        (runners if isinstance(runner, Runner) else skipped).append(runner)
+    return runners, skipped
 
 
-def bench_onnx(side: str, graph: InferenceGraph, make: Callable, args: argparse.Namespace, device: torch.device,
-               out: Path, base: dict) -> Row:
+def prepare_onnx(side: str, graph: InferenceGraph, make: Callable, args: argparse.Namespace, device: torch.device,
+                 out: Path, base: dict) -> Runner | Row:
     if not onnxruntime_available():
         return Row(form="onnx", note="not run: onnxruntime is not installed", **base)
     import onnxruntime
@@ -168,10 +177,10 @@ def bench_onnx(side: str, graph: InferenceGraph, make: Callable, args: argparse.
             return Row(form="onnx", note="not run: this onnxruntime has no CUDA execution provider", **base)
         providers.insert(0, "CUDAExecutionProvider")
     path = out / f"{side}.onnx"
-    graph_cpu = graph.to("cpu")
+    cpu = torch.device("cpu")
     try:
         with torch.no_grad():
-            export_onnx(graph_cpu, path, make(2, torch.device("cpu")))
+            export_onnx(graph.to(cpu), path, make(2, cpu))
     except ImportError as err:
         return Row(form="onnx", note=f"not run: {err}", **base)
     finally:
@@ -184,10 +193,9 @@ def bench_onnx(side: str, graph: InferenceGraph, make: Callable, args: argparse.
     def call(images: Tensor) -> object:
         return session.run(["logits"], {"images": images.numpy()})
 
-    latency, throughput = measure(call, functools.partial(make, on=torch.device("cpu")), args.batch,
-                                  torch.device("cpu"), args.warmup, args.steps)
-    return Row(form="onnx", file_mib=path.stat().st_size / 2**20, latency_ms=latency, img_per_s=throughput,
-               note=f"onnxruntime {onnxruntime.__version__} {providers[0]}", **base)
+    row = Row(form="onnx", file_mib=path.stat().st_size / 2**20,
+              note=f"onnxruntime {onnxruntime.__version__} {providers[0]}", **base)
+    return Runner(row, call, make(1, cpu), make(args.batch, cpu), cpu)
 
 
 def emit(row: Row) -> None:
@@ -249,7 +257,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         else:
             sides = {side: resolve_checkpoint(path) for side, path in (("teacher", args.teacher),
                                                                         ("student", args.student)) if path}
-        rows = [row for side, ckpt in sides.items() for row in bench_side(side, ckpt, args, device, out)]
+        runners, rows = [], []
+        for side, ckpt in sides.items():
+            side_runners, skipped = prepare_side(side, ckpt, args, device, out)
+            runners += side_runners
+            rows += skipped
+        measure_all(runners, args.warmup, args.steps)
+    order = {(side, form): i for i, (side, form) in enumerate(
+        (side, form) for side in ("teacher", "student") for form in ("checkpoint", "pt2", "onnx"))}
+    rows = sorted([r.row for r in runners] + rows, key=lambda r: order[(r.side, r.form)])
+    for row in rows:
+        emit(row)
     print_table(rows, device)
     return rows
 
