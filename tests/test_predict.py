@@ -185,7 +185,7 @@ def test_cdl_validate_and_predict_without_the_teacher_file(moved_teacher, tmp_pa
     checkpoint = str(runs / "student_KDP" / "checkpoints" / "last.ckpt")
     out = tmp_path / "validate"
     cli_main(["validate", *options, "--ckpt_path", checkpoint, "--trainer.logger", "false",
-              "--evaluation.output_dir", str(out)])
+              "--trainer.default_root_dir", str(tmp_path), "--evaluation.output_dir", str(out)])
     fitted = json.loads((runs / "student_KDP" / "metrics.json").read_text())
     validated = json.loads((out / "metrics.json").read_text())
     assert validated["accuracy_matrix"][1] == fitted["accuracy_matrix"][1]  # the fit's last row, exactly
@@ -204,7 +204,8 @@ def test_teacher_run_used_as_a_model(moved_teacher, tmp_path):
     assert type(model) is PromptLearner and model.current_task == 1
     out = tmp_path / "validate"
     cli_main(["validate", *run_args(tmp_path / "runs", "teacher", TEACHER), "--ckpt_path", str(checkpoint),
-              "--trainer.logger", "false", "--evaluation.output_dir", str(out)])
+              "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--evaluation.output_dir", str(out)])
     fitted = json.loads((moved_teacher.moved / "metrics.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["accuracy_matrix"][1] == fitted["accuracy_matrix"][1]
     with pytest.raises(TypeError, match="holds a PromptLearner, not a Distiller"):
