@@ -289,7 +289,11 @@ class ExportedModel:
             program = torch.export.load(str(path))
             output = next(node for node in program.graph.nodes if node.op == "output")
             width = int(output.args[0][0].meta["val"].shape[-1])
-            self.module = program.module().to(self.device)
+            if self.device.type != "cpu":  # the program was traced on CPU: its device checks and constants say so
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, self.device)
+            self.module = program.module()
         else:
             import onnxruntime
 
@@ -337,7 +341,8 @@ def load_exported(
         path: the sidecar, an artefact (its sidecar is the ``.json`` next to it) or the export folder.
         backend: ``"pt2"`` (`torch.export.load`) or ``"onnx"`` (onnxruntime); default: the artefact ``path`` names,
             else pt2 if exported.
-        device: where the pt2 module runs (ONNX uses CUDA when onnxruntime has it and ``device`` is CUDA).
+        device: where the pt2 module runs (moved there by ``torch.export.passes.move_to_device_pass``; ONNX uses CUDA
+            when onnxruntime has it and ``device`` is CUDA).
         model: a model the export must match (timm model, classes, input size).
         check_hash: refuse an artefact whose SHA-256 differs from the one recorded at export.
     """

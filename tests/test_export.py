@@ -129,6 +129,13 @@ def test_onnx_export_equals_the_checkpoint_model(exports, name):
         torch.testing.assert_close(artefact(x), expected, rtol=0, atol=1e-5)
 
 
+def test_pt2_moves_to_another_device(exports):
+    """The program is traced on CPU; ``device=`` rewrites its device checks (meta stands in for CUDA here)."""
+    artefact = load_exported(exports["kdp"].folder / "model.pt2", device="meta")
+    logits = artefact(images(3))
+    assert logits.device.type == "meta" and logits.shape == (3, 6)
+
+
 def test_prompt_selection_is_in_the_graph(exports):
     """L2P's top-k and DualPrompt's argmax are graph operations, not constants traced from the example."""
     ops = {name: {str(n.target) for n in torch.export.load(str(exports[name].folder / "model.pt2")).graph.nodes}
