@@ -42,6 +42,12 @@ class CDLCLI(LightningCLI):
         # the task sequence (sizes, class order and names, epochs per task) is built by the data module and linked once
         parser.link_arguments("data.task_schedule", "model.init_args.task_schedule", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """validate/test/predict build a model that has ``inference_only`` (a `Distiller`) without its teacher."""
+        model = self.config[self.subcommand].model if self.subcommand in ("validate", "test", "predict") else None
+        if model is not None and "inference_only" in (model.get("init_args") or {}):
+            model.init_args.inference_only = True
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a rich progress bar unless the config disables progress bars or brings its own."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE``, ``cdl compare RUN_DIR...`` or
     ``cdl pretrain --out FILE ...`` or ``cdl pack SRC OUT ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "pretrain", "pack"):
+    if argv and argv[0] in ("compare", "pretrain", "pack", "export"):
         import importlib
 
         importlib.import_module(f"cdl_lightning.{argv[0]}").main(argv[1:])

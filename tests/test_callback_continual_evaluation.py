@@ -283,7 +283,6 @@ def test_defaults_from_hparams_output_styles_and_errors(tmp_path):
         make_trainer(tmp_path, [callback]).fit(LinearClassifier(output_style="none"), datamodule=ToyTasks())
 
 
-<<<<<<< HEAD
 def test_task_counts_from_a_task_schedule_attributes_or_hparams():
     from types import SimpleNamespace
 
@@ -350,9 +349,7 @@ def test_table_title_and_compare_show_every_registered_metric(tmp_path):
     assert all(m.column in text for m in MATRIX_METRICS) and f"{final['forgetting']:.2f}" in text
 
 
-=======
 @pytest.mark.slow  # two DDP processes (gloo) started in a subprocess
->>>>>>> h15
 def test_ddp_matrix_equals_single_process(tmp_path):
     single = run_fixed_weights(tmp_path / "single", devices=1)
     env = {

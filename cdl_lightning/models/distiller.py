@@ -95,6 +95,11 @@ class Distiller(PromptLearner):
         teacher_checkpoint: the teacher run's final checkpoint; required by every method but ``none``.
         teacher_prompt_mode: ``"eval"`` runs the teacher's prompt selection as at evaluation (key matching), ``"train"``
             as in training (true task id for DualPrompt).
+        inference_only: build the student alone, for validate/test/predict/export (``cdl`` sets it for those): the
+            teacher checkpoint is neither read nor needed, and parts that only the training loss uses and that are
+            shaped by the teacher (FitNets/ReviewKD adapters) are not created (their checkpoint entries are skipped).
+            The method's inference parts (KDP's KD prompts and head, the DeiT token and head) are built. Such a model
+            cannot fit.
         **kwargs: `PromptLearner` arguments for the student.
     """
 
@@ -103,6 +108,7 @@ class Distiller(PromptLearner):
         method: DistillationMethod | None = None,
         teacher_checkpoint: str | None = None,
         teacher_prompt_mode: Literal["eval", "train"] = "eval",
+        inference_only: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # its save_hyperparameters() also records this class's arguments
@@ -111,7 +117,8 @@ class Distiller(PromptLearner):
         self.teacher_run: TeacherRun | None = None
         teacher: PromptedClassifier | None = None
         self.share_query = False
-        if method.needs_teacher:
+        self.inference_only = inference_only
+        if method.needs_teacher and not inference_only:
             if teacher_checkpoint is None:
                 raise ValueError(f"{type(method).__name__} distils from a teacher: set `teacher_checkpoint` to a "
                                  "finished teacher run's checkpoint")
@@ -128,7 +135,8 @@ class Distiller(PromptLearner):
         teacher_shape = None
         if teacher is not None:
             teacher_shape = ModelShape(teacher.backbone.embed_dim, teacher.backbone.depth, self.num_classes)
-        method.bind(ModelShape(student_vit.embed_dim, student_vit.depth, self.num_classes), teacher_shape)
+        if teacher_shape is not None or not method.needs_teacher_blocks:  # else: training-only feature adapters
+            method.bind(ModelShape(student_vit.embed_dim, student_vit.depth, self.num_classes), teacher_shape)
         self.method = method
         self.hparams["method"] = method.spec()  # named, not pickled (see PromptLearner's prompt)
         self.teacher_task = 0
@@ -165,7 +173,19 @@ class Distiller(PromptLearner):
         self.load_teacher_task(task)
 
     @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.inference_only:
+            raise RuntimeError("this Distiller was built with inference_only=True (no teacher, no training-only parts) "
+                               "and cannot fit: build it with inference_only=False and a teacher_checkpoint")
+        super().setup(stage)
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.inference_only:  # skip the training-only method parts this model does not have (feature adapters)
+            own = self.state_dict()
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("method.") and k not in own]:
+                del state[key]
         super().on_load_checkpoint(checkpoint)
         if self.opened_task >= 0:
             self.load_teacher_task(self.opened_task)

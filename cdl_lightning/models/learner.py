@@ -169,6 +169,14 @@ class PromptLearner(LightningModule):
         # the speed paths (casting, compile, CUDA graphs) as one component; its flags are these arguments
         self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs)
 
+    @classmethod
+    def load_for_inference(cls, path: str, map_location: str | torch.device = "cpu") -> PromptLearner:
+        """A trained learner or student from its checkpoint (or run folder) alone, in eval mode: no teacher, no
+        optimizer state, no training-only parts (see `cdl_lightning.models.inference.load_for_inference`)."""
+        from cdl_lightning.models.inference import load_for_inference
+
+        return load_for_inference(path, map_location, expected_class=cls)
+
     # ----------------------------------------------------------------------------------------------- task bookkeeping
     @property
     def num_tasks(self) -> int:
