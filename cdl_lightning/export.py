@@ -134,10 +134,11 @@ def describe(model: PromptLearner, graph: InferenceGraph) -> dict[str, Any]:
         "classes": {
             "num_classes": stop,
             "names": list(model.class_names[:stop]),
-            "original_ids": list(model.hparams.class_order[:stop]) if model.hparams.get("class_order") else None,
+            "original_ids": (list(model.task_schedule.class_order[:stop])
+                             if model.task_schedule.class_order is not None else None),
         },
         "tasks": {"covered": graph.task + 1, "total": model.num_tasks, "last_task": graph.task,
-                  "task_sizes": list(model.task_sizes[: graph.task + 1]), "class_range": [0, stop]},
+                  "task_sizes": list(model.task_schedule.task_sizes[: graph.task + 1]), "class_range": [0, stop]},
         "source_checkpoint": getattr(model, "checkpoint_path", None),
         "files": {},
     }

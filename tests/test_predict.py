@@ -140,8 +140,7 @@ def full_distiller(method: DistillationMethod, teacher_checkpoint: Path, checkpo
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     model = Distiller(method=method, teacher_checkpoint=str(teacher_checkpoint), backbone=hp["backbone"],
-                      prompt=functools.partial(L2P, pool_size=6, top_k=2), task_sizes=hp["task_sizes"],
-                      class_order=hp["class_order"], class_names=hp["class_names"])
+                      prompt=functools.partial(L2P, pool_size=6, top_k=2), task_schedule=hp["task_schedule"])
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=False)
     return model.eval()

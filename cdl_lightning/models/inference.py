@@ -120,7 +120,7 @@ class InferenceGraph(nn.Module):
             raise ValueError(f"task {self.task} is outside the model's {model.num_tasks} tasks")
         self.model = model
         self.input_dtype = input_dtype
-        self.num_classes = model.offsets[self.task + 1]
+        self.num_classes = model.task_schedule.task_range(self.task)[1]
 
     @property
     def input_size(self) -> tuple[int, int]:
