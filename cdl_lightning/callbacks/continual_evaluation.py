@@ -127,6 +127,9 @@ class ContinualEvaluation(Callback):
         self._checkpoint_epochs_trained: int | None = None
         self.last_counts: dict[str, Any] | None = None
         """``{"task": t, "correct": [...], "total": [...]}``: global per-task counts of the last evaluation."""
+        self.run_status: str | None = None
+        """Set when the fit stops on an exception: the exception's ``run_status`` (e.g. ``"diverged"``) or
+        ``"failed"``; written to ``metrics.json`` as ``status`` (otherwise ``"complete"`` or ``"partial"``)."""
         if num_tasks is not None:
             self._allocate(num_tasks)
 
@@ -171,7 +174,9 @@ class ContinualEvaluation(Callback):
             ``num_tasks``, ``epochs_per_task``, ``filled_rows``, ``accuracy_matrix`` (nested lists), ``curves``
             (``avg_acc`` / ``forgetting`` / ``ref_forgetting`` / ``bwt``: one value per row) and ``final``
             (``task``: last filled row, or ``None``, and the four metrics of that row), ``last_evaluation``
-            (:attr:`last_counts`: per-task sample counts of the last evaluation, to audit exactness).
+            (:attr:`last_counts`: per-task sample counts of the last evaluation, to audit exactness), ``status``
+            (``"complete"`` when every row is filled, ``"partial"`` before, or why the fit stopped: ``"diverged"``,
+            ``"failed"``).
         """
         matrix = self.matrix
         curves = metric_curves(matrix)
@@ -187,6 +192,7 @@ class ContinualEvaluation(Callback):
             "curves": curves,
             "final": final,
             "last_evaluation": self.last_counts,
+            "status": self.run_status or ("complete" if rows and len(rows) == self._num_tasks else "partial"),
         }
 
     def current_task(self, trainer: Trainer) -> int:
@@ -284,6 +290,17 @@ class ContinualEvaluation(Callback):
         output_dir = self._output_dir(trainer)  # collective (broadcast): resolve on every rank
         if trainer.is_global_zero:
             self._write_outputs(trainer, output_dir, t)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a run that stopped must not look finished: rewrite metrics.json with the reason
+        stopped = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.run_status = getattr(exception, "run_status", stopped)
+        if self._resolved_output_dir is not None and trainer.is_global_zero and self._matrix is not None:
+            path = os.path.join(self._resolved_output_dir, "metrics.json")
+            if os.path.isfile(path):
+                with open(path, "w") as file:
+                    json.dump(json_safe(self.summary()), file, indent=2, allow_nan=False)
 
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
