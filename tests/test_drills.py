@@ -43,6 +43,7 @@ def fit_args(save_dir: Path, *extra: str) -> list[str]:
         "--data.num_workers": 0,
         "--model": "cdl_lightning.models.PromptLearner",
         "--model.backbone": TINY_BACKBONE,
+        "--model.lr": 0.05,  # learns enough in 18 steps for a matrix with distinct entries
         "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
         "--model.prompt.pool_size": 8,
         "--model.prompt.layers": "[0, 1]",
@@ -64,13 +65,34 @@ def metrics(save_dir: Path) -> dict:
     return json.loads((save_dir / "run" / "metrics.json").read_text())
 
 
+def final_state(save_dir: Path) -> dict:
+    """The trainable state and per-task snapshots of a run's last checkpoint."""
+    state = torch.load(save_dir / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    return {"weights": state["state_dict"], "snapshots": state["cdl"]["task_snapshots"]}
+
+
+def assert_same_run(save_dir: Path, uninterrupted: dict) -> None:
+    """Same accuracy matrix and bitwise the same trainable weights and task snapshots as the uninterrupted run."""
+    result = metrics(save_dir)
+    assert result["status"] == "complete"
+    assert result["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    state, reference = final_state(save_dir), uninterrupted["state"]
+    assert state["weights"].keys() == reference["weights"].keys()
+    assert all(torch.equal(state["weights"][k], reference["weights"][k]) for k in reference["weights"])
+    assert len(state["snapshots"]) == len(reference["snapshots"]) == 2
+    for mine, theirs in zip(state["snapshots"], reference["snapshots"]):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
     save_dir = tmp_path_factory.mktemp("full")
     cli_main(fit_args(save_dir))
     result = metrics(save_dir)
     assert result["status"] == "complete" and result["filled_rows"] == [0, 1]
-    return result
+    matrix = result["accuracy_matrix"]
+    assert len({matrix[0][0], matrix[1][0], matrix[1][1]}) > 1  # a matrix that can tell runs apart
+    return {**result, "state": final_state(save_dir)}
 
 
 def test_nan_loss_stops_the_run(tmp_path):
@@ -100,9 +122,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path,
     diverged = metrics(tmp_path)
     assert diverged["status"] == "diverged" and diverged["filled_rows"] == [0]
     cli_main(fit_args(tmp_path, "--ckpt_path", str(last)))
-    resumed = metrics(tmp_path)
-    assert resumed["status"] == "complete"
-    assert resumed["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    assert_same_run(tmp_path, uninterrupted)
 
 
 @pytest.mark.parametrize("every", ["epoch", "step"])
@@ -128,4 +148,4 @@ def test_kill_9_mid_task_loses_at_most_that_epoch(tmp_path, uninterrupted, every
     assert (state["global_step"], state["epoch"]) == ((12, 3) if every == "epoch" else (13, 4))
     assert metrics(tmp_path)["status"] == "partial"
     cli_main(fit_args(tmp_path, *cadence, "--ckpt_path", str(last)))
-    assert metrics(tmp_path)["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    assert_same_run(tmp_path, uninterrupted)
