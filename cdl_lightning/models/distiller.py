@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
@@ -14,6 +15,14 @@ from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.kd import DistillationMethod, ModelShape
 from cdl_lightning.nn.prompts.base import build_prompt_pool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
+
+
+def input_geometry(config: BackboneConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(input size, patch grid)`` of a backbone, from a weight-less build of its timm ViT on the meta device."""
+    kwargs = {"num_classes": 0, **(config.model_kwargs or {})}
+    with torch.device("meta"):
+        vit = timm.create_model(config.name, pretrained=False, **kwargs)
+    return tuple(vit.patch_embed.img_size), tuple(vit.patch_embed.grid_size)
 
 
 class TeacherRun:
@@ -47,8 +56,20 @@ class TeacherRun:
     def query_identity(self) -> tuple:
         return (self.query_backbone or self.backbone).identity()
 
-    def check_matches(self, task_sizes: list[int], class_order: list[int] | None) -> None:
-        """Refuse a teacher trained on another task split or class order, or one that did not finish."""
+    def check_matches(
+        self, task_sizes: list[int], class_order: list[int] | None, student: BackboneConfig | None = None
+    ) -> None:
+        """Refuse a teacher trained on another task split or class order, one that did not finish, or (given the
+        ``student`` backbone) one whose input size or patch grid differs from the student's, before any compute."""
+        if student is not None:
+            (teacher_size, teacher_grid), (student_size, student_grid) = map(input_geometry, (self.backbone, student))
+            if teacher_size != student_size or teacher_grid != student_grid:
+                raise ValueError(
+                    f"teacher {self.path} takes {teacher_size[0]}x{teacher_size[1]} images as a {teacher_grid[0]}x"
+                    f"{teacher_grid[1]} patch grid ({self.backbone.name}, model_kwargs {self.backbone.model_kwargs}), "
+                    f"the student {student_size[0]}x{student_size[1]} images as {student_grid[0]}x{student_grid[1]} "
+                    f"patches ({student.name}): both see the same images, so give the student backbone (and "
+                    "data.image_size) the teacher's img_size and a patch size with the same grid")
         if self.task_sizes != list(task_sizes):
             raise ValueError(f"teacher {self.path} was trained on tasks of sizes {self.task_sizes}, the student's data "
                              f"has {list(task_sizes)}: use the same data settings (num_tasks, first_task_classes, "
@@ -113,7 +134,7 @@ class Distiller(PromptLearner):
                 raise ValueError(f"{type(method).__name__} distils from a teacher: set `teacher_checkpoint` to a "
                                  "finished teacher run's checkpoint")
             self.teacher_run = TeacherRun(teacher_checkpoint)
-            self.teacher_run.check_matches(self.task_sizes, self.hparams.class_order)
+            self.teacher_run.check_matches(self.task_sizes, self.hparams.class_order, self.backbone_config)
             student_query = self.query_config or self.backbone_config
             self.share_query = self.teacher_run.query_identity == student_query.identity()
             shared = self.classifier.query_encoder or self.classifier.backbone if self.share_query else None
