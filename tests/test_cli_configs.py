@@ -26,7 +26,7 @@ METHODS = sorted(CONFIGS.glob("methods/*.yaml"))
 
 @pytest.fixture(autouse=True)
 def _no_temporary_configs_left():
-    """`expand_config_args` writes temporary files (`cdl` deletes them when it returns; these tests call it directly)."""
+    """`expand_config_args` writes temporary files; `cdl` deletes them when it returns, these tests call it directly."""
     yield
     cleanup_temp_configs()
 
