@@ -110,6 +110,7 @@ class CDLCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> CDLCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
+    _STATE["trainer"] = None
     trainer_defaults: dict[str, Any] = {
         "reload_dataloaders_every_n_epochs": 1,  # the data module serves the current task's data each epoch
         "num_sanity_val_steps": 0,
@@ -274,7 +275,8 @@ def parse_error_message(error: BaseException, args: list[str]) -> str:
         close = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else "; see `cdl fit --help` for the options"
         return f"unknown option {option}{hint}"
-    match = re.search(r"class_path '([\w.]+)'.*?(?:Option|Key) '([\w.]+)' is not accepted", text, re.DOTALL)
+    unknown_key = r"class_path '([\w.]+)'.*?(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)"
+    match = re.search(unknown_key, text, re.DOTALL)
     if match:
         class_path, key = match.groups()
         close = difflib.get_close_matches(key, _accepted_keys(class_path), n=1, cutoff=0.5)
