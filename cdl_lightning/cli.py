@@ -268,7 +268,7 @@ def parse_error_message(error: BaseException, args: list[str]) -> str:
     """One or two lines for a jsonargparse parse error: the unknown key with the closest valid one and the config
     file it came from, or the first line of jsonargparse's own message."""
     text = str(error)
-    match = re.search(r"unrecognized arguments: (--?[\w.]+)", text)
+    match = re.search(r"unrecognized arguments: (--?[\w.]+)", text, re.IGNORECASE)
     if match:
         option = match.group(1)
         valid = _STATE.get("parser_options", [])
