@@ -90,9 +90,12 @@ class CDLCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """As LightningCLI's; on a parse error, remember the subcommand's options (for "did you mean")."""
+        """As LightningCLI's, without its warning about ``args`` (how `main` passes the expanded command line); on a
+        parse error, remember the subcommand's options (for "did you mean")."""
         try:
-            super().parse_arguments(parser, args)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run")
+                super().parse_arguments(parser, args)
         except Exception:
             sub = self._subcommand_parsers.get(args[0]) if isinstance(args, list) and args else None
             _STATE["parser_options"] = list(getattr(sub, "_option_string_actions", {}))
@@ -117,20 +120,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CDLCLI:
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
         "callbacks": [RNGStateCallback(), PredictionWriter()],
     }
-    with warnings.catch_warnings():
-        # `args` is how `cdl` passes its (expanded) command line; LightningCLI warns about that whenever argv is set
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
-        return CDLCLI(
-            PromptLearner,
-            ContinualDataModule,
-            subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True},  # re-running a named run (e.g. the demo) replaces its config.yaml
-            trainer_defaults=trainer_defaults,
-            parser_kwargs={"exit_on_error": False},  # `main` turns parse errors into one short message
-            auto_configure_optimizers=False,  # the learner builds its own optimizer (see `refuse_optimizer_options`)
-            args=args,
-            run=run,
-        )
+    return CDLCLI(
+        PromptLearner,
+        ContinualDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},  # re-running a named run (e.g. the demo) replaces its config.yaml
+        trainer_defaults=trainer_defaults,
+        parser_kwargs={"exit_on_error": False},  # `main` turns parse errors into one short message
+        auto_configure_optimizers=False,  # the learner builds its own optimizer (see `refuse_optimizer_options`)
+        args=args,
+        run=run,
+    )
 
 
 _STATE: dict[str, Any] = {"temp_files": {}, "trainer": None}
