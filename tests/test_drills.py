@@ -149,3 +149,41 @@ def test_kill_9_mid_task_loses_at_most_that_epoch(tmp_path, uninterrupted, every
     assert metrics(tmp_path)["status"] == "partial"
     cli_main(fit_args(tmp_path, *cadence, "--ckpt_path", str(last)))
     assert_same_run(tmp_path, uninterrupted)
+
+
+def test_divergence_check_reads_its_flags_every_n_steps(tmp_path):
+    """In any Lightning project: the loss goes NaN at step 3; with checks every 2 steps the run stops at global step 4
+    naming the loss term, its first non-finite step and the non-finite parameters."""
+    from lightning.pytorch import LightningModule, Trainer
+
+    from cdl_lightning.callbacks import DivergenceCheck, DivergenceError
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).pow(2).mean()
+            if batch_idx == 3:
+                loss = loss * float("nan")
+            self.loss_terms = {"squared output": loss.detach()}
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.ones(16, 2))
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[DivergenceCheck(check_every_n_steps=2)])
+    with pytest.raises(DivergenceError) as error_info:
+        trainer.fit(Tiny())
+    message = str(error_info.value)
+    assert "global step 4 (a periodic check)" in message
+    assert "non-finite squared output first at step 3" in message
+    assert "non-finite trainable parameters (layer.weight, layer.bias)" in message
+    assert trainer.global_step == 4

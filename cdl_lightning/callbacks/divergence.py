@@ -31,8 +31,8 @@ class DivergenceCheck(Callback):
     """Raise `DivergenceError` once a training loss term or a trainable parameter is NaN or infinite.
 
     After every training step the callback ORs ``~isfinite`` of each loss term into a flag that stays on the device
-    (no host synchronisation); the flags are read (one sync) every ``check_every_n_steps`` steps, before every
-    validation and checkpoint of the fit, and at each epoch end, when the trainable parameters are checked as well.
+    (no host synchronisation); the flags and the trainable parameters are checked (one sync) every
+    ``check_every_n_steps`` steps, before every validation and checkpoint of the fit, and at each epoch end.
     A checkpoint is never written from a diverged state: the check runs inside the checkpoint's save, before the file
     is written, so ``last.ckpt`` keeps the last good state, from which the run can be resumed (e.g. with a lower
     learning rate).
@@ -80,7 +80,7 @@ class DivergenceCheck(Callback):
             self._step += 1
         n = self.check_every_n_steps
         if n and trainer.global_step % n == 0:
-            self.check(trainer, pl_module, "a periodic check", parameters=False)
+            self.check(trainer, pl_module, "a periodic check")
 
     def _flush_names(self, names: list[str], device: torch.device, global_step: int) -> None:
         self._names = names
