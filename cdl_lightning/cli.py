@@ -1,23 +1,57 @@
-"""``cdl``: the LightningCLI of cdl-lightning (``cdl fit|validate|test|predict --config FILE``) and ``cdl compare``."""
+"""``cdl``: the LightningCLI of cdl-lightning (``cdl fit|validate|test|predict --config FILE``) and the other
+subcommands of `SUBCOMMANDS` (``cdl compare``, ``cdl pretrain``, ...).
+
+Errors a user can fix (a bad path or value, an unknown config key, a teacher that does not match) are printed as one
+short message naming the option and the fix, with exit status 2 and no traceback; ``--debug`` (or ``CDL_DEBUG=1``)
+shows the traceback. A diverged run (`DivergenceError`) stops with exit status 1 and says where to resume from.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib
+import inspect
+import os
+import re
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from cdl_lightning.callbacks.checkpoint import RunCheckpoint
 from cdl_lightning.callbacks.continual_evaluation import ContinualEvaluation
+from cdl_lightning.callbacks.divergence import DivergenceCheck, DivergenceError
 from cdl_lightning.callbacks.prediction_writer import PredictionWriter
 from cdl_lightning.callbacks.progress import ThrottledRichProgressBar
 from cdl_lightning.callbacks.rng_state import RNGStateCallback
 from cdl_lightning.data import ContinualDataModule
+from cdl_lightning.errors import UserError
 from cdl_lightning.models import PromptLearner
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module whose `main(argv)` runs it, one line of help). One line per subcommand, in the order shown.
+    "compare": ("cdl_lightning.compare", "print the accuracy matrices and final metrics of runs side by side"),
+    "pretrain": ("cdl_lightning.pretrain", "train a backbone offline and write its weights file"),
+    "pack": ("cdl_lightning.pack", "write an image folder or arrays as the library's npz pack (class subsets too)"),
+    "export": ("cdl_lightning.export", "export a trained model as torch.export (.pt2) and ONNX with a JSON sidecar"),
+}
+"""The ``cdl`` subcommands besides LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``."""
+
+LIGHTNING_SUBCOMMANDS = {
+    "fit": "train a learner or a distiller over the whole task sequence (writes the run's config.yaml)",
+    "validate": "evaluate a checkpoint on the seen tasks' test data (writes config_validate.yaml)",
+    "test": "like validate, on the test loop (writes config_test.yaml)",
+    "predict": "predict a folder of images with a checkpoint (writes predictions.csv, config_predict.yaml)",
+}
 
 
 def _product(num_tasks: int, epochs_per_task: int) -> int:
@@ -26,17 +60,19 @@ def _product(num_tasks: int, epochs_per_task: int) -> int:
 
 class CDLCLI(LightningCLI):
     """LightningCLI wired for continual learning: the data module states the task split and the epochs per task
-    once; the trainer's epoch count and validation cadence and the model's `TaskSchedule` are linked from it. An
-    evaluation callback (accuracy matrix), a checkpoint callback (``last.ckpt`` every epoch), RNG state saving,
-    TensorBoard and a rich progress bar are on by default."""
+    once; the trainer's epoch count and validation cadence and the model's `TaskSchedule` are linked
+    from it. On by default: an evaluation callback (accuracy matrix), `RunCheckpoint` (``checkpoint.*``: a real
+    ``last.ckpt`` file at every epoch end, optionally every N training steps), `DivergenceCheck` (``divergence.*``:
+    stops a run whose loss or weights become non-finite), RNG state saving, TensorBoard and a rich progress bar.
+
+    ``fit`` writes the run's ``config.yaml``; ``validate``, ``test`` and ``predict`` write ``config_<subcommand>.yaml``
+    next to it and never replace it. A fresh ``fit`` into a fixed-name run folder replaces that folder's TensorBoard
+    event files instead of stacking a second copy of every curve (a resumed fit, ``--ckpt_path``, keeps them)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ContinualEvaluation, "evaluation")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # last.ckpt links to the newest checkpoint instead of writing the same state twice, and is always that name
-        # (no last-v1.ckpt after a resume or a re-run): distiller configs point at .../checkpoints/last.ckpt
-        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_epochs": 1,
-                             "checkpoint.enable_version_counter": False})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(DivergenceCheck, "divergence")
         parser.link_arguments(("data.num_tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_product)
         parser.link_arguments("data.epochs_per_task", "trainer.check_val_every_n_epoch")
         # the task sequence (sizes, class order and names, epochs per task) is built by the data module and linked once
@@ -49,16 +85,43 @@ class CDLCLI(LightningCLI):
             model.init_args.inference_only = True
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a rich progress bar unless the config disables progress bars or brings its own."""
+        """Add a rich progress bar unless the config disables progress bars or brings its own; name the config file
+        this subcommand writes (only ``fit`` writes ``config.yaml``)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         own_bar = any(isinstance(c, ProgressBar) for c in trainer_config.get("callbacks") or [])
         if trainer_config.get("enable_progress_bar") is not False and not own_bar:
             kwargs.setdefault("callbacks", [*(trainer_config.get("callbacks") or []), ThrottledRichProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        if self.subcommand not in (None, "fit"):
+            self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
+        trainer = super().instantiate_trainer(**kwargs)
+        _STATE["trainer"] = trainer
+        return trainer
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI's, without its warning about ``args`` (how `main` passes the expanded command line); on a
+        parse error, remember the subcommand's options (for "did you mean")."""
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run")
+                super().parse_arguments(parser, args)
+        except Exception:
+            sub = self._subcommand_parsers.get(args[0]) if isinstance(args, list) and args else None
+            _STATE["parser_options"] = list(getattr(sub, "_option_string_actions", {}))
+            raise
+
+    def before_fit(self) -> None:
+        """A fresh fit (no ``--ckpt_path``) into an existing run folder replaces its TensorBoard event files."""
+        if self._get(self.config, "ckpt_path") is not None or not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and os.path.isdir(logger.log_dir):
+                for event_file in Path(logger.log_dir).glob("events.out.tfevents.*"):
+                    event_file.unlink()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> CDLCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
+    _STATE["trainer"] = None
     trainer_defaults: dict[str, Any] = {
         "reload_dataloaders_every_n_epochs": 1,  # the data module serves the current task's data each epoch
         "num_sanity_val_steps": 0,
@@ -71,20 +134,28 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CDLCLI:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},  # re-running a named run (e.g. the demo) replaces its config.yaml
         trainer_defaults=trainer_defaults,
+        parser_kwargs={"exit_on_error": False},  # `main` turns parse errors into one short message
+        auto_configure_optimizers=False,  # the learner builds its own optimizer (see `refuse_optimizer_options`)
         args=args,
         run=run,
     )
 
 
+_STATE: dict[str, Any] = {"temp_files": {}, "trainer": None}
+"""Per-process state of `main`: the temporary files of `expand_config` (temporary path -> the config it stands for)
+and the trainer of the running subcommand (to tell errors before compute from errors during it)."""
+
+
 def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
     """Resolve a config's ``_base_`` list (paths relative to the file) into the ordered list of files to apply:
-    bases first (recursively), then the file itself without the ``_base_`` key (written to a temporary file)."""
+    bases first (recursively), then the file itself without the ``_base_`` key (written to a temporary file, deleted
+    when `main` returns; `cleanup_temp_configs` deletes them for other callers)."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise UserError(f"--config: config file {path!r} does not exist")
     key = str(file.resolve())
     if key in _seen:
-        raise ValueError(f"config {path!r} includes itself through _base_")
+        raise UserError(f"--config: config {path!r} includes itself through _base_")
     content = yaml.safe_load(file.read_text()) or {}
     bases = content.pop("_base_", []) if isinstance(content, dict) else []
     if not bases:
@@ -96,8 +167,17 @@ def expand_config(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
         handle = tempfile.NamedTemporaryFile("w", suffix=f"-{file.name}", delete=False)
         yaml.safe_dump(content, handle)
         handle.close()
+        _STATE["temp_files"][handle.name] = path
         files.append(handle.name)
     return files
+
+
+def cleanup_temp_configs() -> None:
+    """Delete the temporary files written by `expand_config`."""
+    for name in list(_STATE["temp_files"]):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        del _STATE["temp_files"][name]
 
 
 def expand_config_args(args: list[str]) -> list[str]:
@@ -118,16 +198,171 @@ def expand_config_args(args: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE``, ``cdl compare RUN_DIR...`` or
-    ``cdl pretrain --out FILE ...`` or ``cdl pack SRC OUT ...``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "pretrain", "pack", "export"):
-        import importlib
+def usage() -> str:
+    """``cdl --help``: every subcommand with one line of help."""
+    names = {**LIGHTNING_SUBCOMMANDS, **{name: text for name, (_, text) in SUBCOMMANDS.items()}}
+    width = max(map(len, names))
+    lines = [f"  {name:<{width}}  {text}" for name, text in names.items()]
+    return "\n".join([
+        "usage: cdl SUBCOMMAND [options]      (cdl SUBCOMMAND --help for its options)",
+        "", "subcommands:", *lines, "",
+        "options: --debug (or CDL_DEBUG=1) shows the full traceback of an error",
+        "example: cdl fit --config configs/demo.yaml",
+    ])
 
-        importlib.import_module(f"cdl_lightning.{argv[0]}").main(argv[1:])
+
+def refuse_optimizer_options(args: list[str]) -> None:
+    """The learners build their own optimizer (Adam and the per-task schedule): refuse LightningCLI's
+    ``--optimizer`` / ``--lr_scheduler`` on the command line or as a top-level config key instead of ignoring them."""
+    given = [a.split("=", 1)[0] for a in args if re.match(r"--(optimizer|lr_scheduler)\b", a)]
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            content = yaml.safe_load(Path(args[i + 1]).read_text())
+            if isinstance(content, dict):
+                origin = _STATE["temp_files"].get(args[i + 1], args[i + 1])
+                given += [f"{key} (in {origin})" for key in ("optimizer", "lr_scheduler") if key in content]
+    if given:
+        raise UserError(f"{', '.join(given)}: the learner builds its own optimizer (Adam, reset at each task) and "
+                        "per-task LR schedule; set --model.init_args.lr, betas, weight_decay or schedule instead")
+
+
+def _debug(argv: list[str]) -> tuple[bool, list[str]]:
+    on = "--debug" in argv or os.environ.get("CDL_DEBUG", "") not in ("", "0")
+    return on, [a for a in argv if a != "--debug"]
+
+
+def _compute_started() -> bool:
+    trainer = _STATE["trainer"]
+    if trainer is None:
+        return False
+    loops = [trainer.fit_loop.epoch_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop]
+    return any(loop.batch_progress.total.ready > 0 for loop in loops)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def _config_origin(args: list[str], key: str) -> str | None:
+    """The last ``--config`` file (as the user named it) that mentions ``key`` (a leaf key name)."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+            with contextlib.suppress(OSError, yaml.YAMLError):
+                if re.search(rf"^\s*{re.escape(key)}\s*:", Path(path).read_text(), re.MULTILINE):
+                    found = _STATE["temp_files"].get(path, path)
+    return found
+
+
+def _accepted_keys(class_path: str) -> list[str]:
+    """Constructor parameters of a class and of its bases (a subclass forwarding ``**kwargs``)."""
+    module, _, name = class_path.rpartition(".")
+    with contextlib.suppress(Exception):
+        cls = getattr(importlib.import_module(module), name)
+        keys: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                keys += [p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")]
+        return keys
+    return []
+
+
+def parse_error_message(error: BaseException, args: list[str]) -> str:
+    """One or two lines for a jsonargparse parse error: the unknown key with the closest valid one and the config
+    file it came from, or the first line of jsonargparse's own message."""
+    text = str(error)
+    match = re.search(r"unrecognized arguments: (--?[\w.]+)", text, re.IGNORECASE)
+    if match:
+        option = match.group(1)
+        valid = _STATE.get("parser_options", [])
+        close = difflib.get_close_matches(option, valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see `cdl fit --help` for the options"
+        return f"unknown option {option}{hint}"
+    unknown_key = r"class_path '([\w.]+)'.*?(?:Option|Key) '([\w.]+)' is not (?:accepted|expected)"
+    match = re.search(unknown_key, text, re.DOTALL)
+    if match:
+        class_path, key = match.groups()
+        close = difflib.get_close_matches(key, _accepted_keys(class_path), n=1, cutoff=0.5)
+        origin = _config_origin(args, key.split(".")[-1])
+        where = f" in {origin}" if origin else ""
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        return f"unknown key `{key}`{where} (not an argument of {class_path}){hint}"
+    match = re.search(r"Key '([\w.]+)' is not expected|Unexpected? (?:key|option)s? '?([\w.]+)", text)
+    if match:
+        key = match.group(1) or match.group(2)
+        origin = _config_origin(args, key.split(".")[-1])
+        return f"unknown key `{key}`" + (f" in {origin}" if origin else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("Given value")]
+    return " ".join(lines[:3])[:400]
+
+
+@contextlib.contextmanager
+def _rich_width() -> Iterator[None]:
+    """Rich tables (per-task accuracy, BWT, forgetting) at full width when the output is not a terminal (a log
+    file): rich falls back to 80 columns there and cuts them."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        import rich
+
+        rich.reconfigure(width=200)
+    yield
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE`` and the subcommands of
+    `SUBCOMMANDS`; ``cdl --help`` lists them all. User errors exit with status 2 and one short message."""
+    debug, argv = _debug(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        if not argv:
+            raise SystemExit(2)
         return
-    cli_main(expand_config_args(argv))
+    subcommand, args = argv[0], argv
+    try:
+        with _rich_width():
+            if subcommand in SUBCOMMANDS:
+                importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv[1:])
+                return
+            args = expand_config_args(argv)
+            refuse_optimizer_options(args)
+            cli_main(args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: B902 - classified below, re-raised unless it is a user's mistake
+        if debug:
+            raise
+        code, message = _classify(error, args)
+        if code is None:
+            raise
+        print(f"cdl {subcommand}: error: {message}", file=sys.stderr)
+        print("  (cdl --debug ... or CDL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(code) from None
+    finally:
+        cleanup_temp_configs()
+        _STATE["trainer"] = None
+
+
+def _classify(error: BaseException, args: list[str]) -> tuple[int | None, str]:
+    """``(exit status, message)`` of an error that is not a bug, or ``(None, "")``."""
+    from jsonargparse import ArgumentError
+
+    if isinstance(error, DivergenceError):
+        return 1, str(error)
+    root = _root_cause(error)
+    if isinstance(error, ArgumentError) and not isinstance(root, (UserError, OSError, ValueError)):
+        return 2, parse_error_message(error, args)
+    if isinstance(root, UserError):
+        return 2, str(root)
+    before_compute = not _compute_started()
+    if before_compute and isinstance(root, (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)):
+        return 2, str(root).splitlines()[0] if str(root) else type(root).__name__
+    if isinstance(error, ArgumentError):
+        return 2, parse_error_message(error, args)
+    return None, ""
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cdl_lightning.metrics.functional import MATRIX_METRICS
@@ -35,7 +36,7 @@ def compare(run_dirs: list[str], names: list[str] | None = None, console: Consol
     results = [load_metrics(d) for d in run_dirs]
     for name, result in zip(names, results):
         matrix = result["accuracy_matrix"]
-        table = Table(title=f"{name}: accuracy matrix R[t, j] (%)")
+        table = Table(title=escape(f"{name}: accuracy matrix R[t, j] (%)"))  # not rich markup
         table.add_column("after task")
         for j in range(len(matrix)):
             table.add_column(f"task {j}", justify="right")

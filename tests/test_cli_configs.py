@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdl_lightning.cli import cli_main, expand_config_args
+from cdl_lightning.cli import cleanup_temp_configs, cli_main, expand_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,6 +23,13 @@ TINY_VIT = {
 LEARNERS = sorted(p for p in CONFIGS.glob("*/*/vit_*.yaml"))
 STUDENTS = sorted(p for p in CONFIGS.glob("*/*/*_to_*.yaml"))
 METHODS = sorted(CONFIGS.glob("methods/*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_temporary_configs_left():
+    """`expand_config_args` writes temporary files; `cdl` deletes them when it returns, these tests call it directly."""
+    yield
+    cleanup_temp_configs()
 
 
 def tiny_override(tmp_path: Path, query_backbone: bool = False) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,7 +60,13 @@ def test_resume_mid_task_gives_the_same_matrix(tmp_path):
     assert state["global_step"] == 10 and state["cdl"]["opened_task"] == 1
     rows = json.loads((part / "run" / "metrics.json").read_text())["filled_rows"]
     assert rows == [0]
-    cli_main(args_for(part, "--ckpt_path", str(checkpoint)))
-    resumed, uninterrupted = matrix(part), matrix(full)
+    # the run folder moved elsewhere (last.ckpt is a real file, not a link into the old folder)
+    moved = tmp_path / "moved"
+    shutil.copytree(part, moved)
+    shutil.rmtree(part)
+    checkpoint = moved / "run" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file() and not checkpoint.is_symlink()
+    cli_main(args_for(moved, "--ckpt_path", str(checkpoint)))
+    resumed, uninterrupted = matrix(moved), matrix(full)
     assert len(uninterrupted) == 3 and all(v is not None for v in uninterrupted[2])
     assert resumed == uninterrupted

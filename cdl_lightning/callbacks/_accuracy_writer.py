@@ -49,8 +49,7 @@ class AccuracyReportWriter:
         values = matrix.values.numpy()
         with open(os.path.join(output_dir, "accuracy_matrix.csv"), "w") as file:
             file.write(accuracy_matrix_csv(values))
-        with open(os.path.join(output_dir, "metrics.json"), "w") as file:
-            json.dump(json_safe(summary), file, indent=2, allow_nan=False)
+        self.write_summary(output_dir, summary)
         if self.log_image:
             title = heatmap_title(task, summary["final"])
             image = render_heatmap(values, title, os.path.join(output_dir, "accuracy_matrix.png"))
@@ -61,3 +60,10 @@ class AccuracyReportWriter:
             from rich import get_console
 
             get_console().print(summary_table(values, summary["curves"]))
+
+    @staticmethod
+    def write_summary(output_dir: str, summary: dict[str, Any]) -> None:
+        """Write ``metrics.json`` (``summary``, non-finite values as ``null``) to ``output_dir``."""
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "metrics.json"), "w") as file:
+            json.dump(json_safe(summary), file, indent=2, allow_nan=False)

@@ -119,6 +119,9 @@ class ContinualEvaluation(Callback):
         self._matrix: AccuracyMatrix | None = AccuracyMatrix(num_tasks) if num_tasks is not None else None
         self._metric: TaskAccuracy | None = None
         self._resolved_output_dir: str | None = None
+        self.run_status: str | None = None
+        """Set when the fit stops on an exception: the exception's ``run_status`` (e.g. ``"diverged"``) or
+        ``"failed"``; written to ``metrics.json`` as ``status`` (otherwise ``"complete"`` or ``"partial"``)."""
 
     @property
     @override
@@ -165,9 +168,13 @@ class ContinualEvaluation(Callback):
             value per row for each `MATRIX_METRICS` key: ``avg_acc`` / ``forgetting`` / ``ref_forgetting`` /
             ``bwt``) and ``final`` (``task``: last filled row, or ``None``, and each metric of that row),
             ``last_evaluation`` (:attr:`last_counts`: per-task sample counts of the last evaluation, to audit
-            exactness).
+            exactness), ``status`` (``"complete"`` when every row is filled, ``"partial"`` before, or why the fit
+            stopped: ``"diverged"``, ``"failed"``, ``"interrupted"``).
         """
-        return self._require_matrix().summary(self._epochs_per_task)
+        summary = self._require_matrix().summary(self._epochs_per_task)
+        complete = len(summary["filled_rows"]) == summary["num_tasks"]
+        summary["status"] = self.run_status or ("complete" if complete else "partial")
+        return summary
 
     def current_task(self, trainer: Trainer) -> int:
         """Task index of the current evaluation: ``task_of_epoch(evaluated_epoch(trainer), epochs_per_task,
@@ -250,6 +257,14 @@ class ContinualEvaluation(Callback):
         output_dir = self._output_dir(trainer)  # collective (broadcast): resolve on every rank
         if trainer.is_global_zero:
             self._writer.write(output_dir, matrix, self.summary(), t, trainer.loggers, trainer.global_step)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # a run that stopped must not look finished: rewrite metrics.json with the reason
+        stopped = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.run_status = getattr(exception, "run_status", stopped)
+        if self._resolved_output_dir is not None and trainer.is_global_zero and self._matrix is not None:
+            self._writer.write_summary(self._resolved_output_dir, self.summary())
 
     @override
     def state_dict(self) -> dict[str, Any]:

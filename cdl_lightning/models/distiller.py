@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
@@ -15,6 +16,14 @@ from cdl_lightning.nn.kd import DistillationMethod, ModelShape, NoDistillation
 from cdl_lightning.nn.prompts.base import build_prompt_pool
 from cdl_lightning.nn.vit import BackboneConfig, PromptedViT, as_backbone_config
 from cdl_lightning.tasks import TaskSchedule
+
+
+def input_geometry(config: BackboneConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(input size, patch grid)`` of a backbone, from a weight-less build of its timm ViT on the meta device."""
+    kwargs = {"num_classes": 0, **(config.model_kwargs or {})}
+    with torch.device("meta"):
+        vit = timm.create_model(config.name, pretrained=False, **kwargs)
+    return tuple(vit.patch_embed.img_size), tuple(vit.patch_embed.grid_size)
 
 
 class TeacherRun:
@@ -47,9 +56,24 @@ class TeacherRun:
     def query_identity(self) -> tuple:
         return (self.query_backbone or self.backbone).identity()
 
-    def check_matches(self, student: TaskSchedule) -> None:
-        """Refuse a teacher trained on another task split or class order than the ``student``'s, or one that did not
-        finish (the epochs per task and class names may differ)."""
+    def check_matches(
+        self, student: TaskSchedule, backbone: BackboneConfig | None = None, same_tokens: bool = False
+    ) -> None:
+        """Refuse, before any compute, a teacher trained on another task split or class order than the ``student``'s
+        schedule, one that did not finish (the epochs per task and class names may differ), or (given the student's
+        ``backbone``) one that takes another input size than the student, or another patch grid when the method
+        compares token features (``same_tokens``: FitNets, ReviewKD)."""
+        if backbone is not None:
+            (teacher_size, teacher_grid), (student_size, student_grid) = map(input_geometry, (self.backbone, backbone))
+            if teacher_size != student_size or (same_tokens and teacher_grid != student_grid):
+                what = "patch grid" if teacher_size == student_size else "input size"
+                raise ValueError(
+                    f"teacher {self.path} takes {teacher_size[0]}x{teacher_size[1]} images as a {teacher_grid[0]}x"
+                    f"{teacher_grid[1]} patch grid ({self.backbone.name}, model_kwargs {self.backbone.model_kwargs}), "
+                    f"the student {student_size[0]}x{student_size[1]} images as {student_grid[0]}x{student_grid[1]} "
+                    f"patches ({backbone.name}): the {what} differs. Both see the same images, so give the student "
+                    "backbone (and data.image_size) the teacher's img_size"
+                    + (" and a patch size with the same grid (this method compares tokens)" if same_tokens else ""))
         teacher = self.task_schedule
         if teacher.task_sizes != student.task_sizes:
             raise ValueError(f"teacher {self.path} was trained on tasks of sizes {list(teacher.task_sizes)}, the "
@@ -123,7 +147,8 @@ class Distiller(PromptLearner):
                 raise ValueError(f"{type(method).__name__} distils from a teacher: set `teacher_checkpoint` to a "
                                  "finished teacher run's checkpoint")
             self.teacher_run = TeacherRun(teacher_checkpoint)
-            self.teacher_run.check_matches(self.task_schedule)
+            same_tokens = method.needs_student_blocks and method.needs_teacher_blocks
+            self.teacher_run.check_matches(self.task_schedule, self.backbone_config, same_tokens)
             student_query = self.query_config or self.backbone_config
             self.share_query = self.teacher_run.query_identity == student_query.identity()
             shared = self.classifier.query_encoder or self.classifier.backbone if self.share_query else None

@@ -327,6 +327,10 @@ class PromptLearner(LightningModule):
         student = self.student_forward(images, task, train=True, query=query)
         task_loss = self.method.loss(student, teacher, targets, start, stop)
         loss = task_loss + student.prompt_loss
+        # the terms by name, as device tensors, for `callbacks.DivergenceCheck` (it reads them without a per-step sync)
+        self.loss_terms = {"task loss" if type(self.method) is DistillationMethod
+                           else f"task loss ({type(self.method).__name__}: cross-entropy + distillation)":
+                           task_loss.detach(), "prompt loss": student.prompt_loss.detach()}
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)

@@ -39,6 +39,14 @@ def gram_schmidt_(weight: Tensor, start: int, stop: int, generator: torch.Genera
     flat[start:stop] = torch.stack(rows).to(flat.dtype)
 
 
+def ortho_penalty(rows: Tensor) -> Tensor:
+    """CODA-Prompt's orthogonality penalty ``mean((M M^T - I)^2)`` of the ``n`` rows of ``M`` (flattened to vectors),
+    averaged over the ``n x n`` entries as the reference's ``ortho_penalty`` does."""
+    flat = rows.reshape(rows.shape[0], -1).float()
+    eye = torch.eye(flat.shape[0], device=flat.device)
+    return ((flat @ flat.T - eye) ** 2).mean()
+
+
 class CodaPrompt(PromptPool):
     """Prompts assembled as a query-weighted sum of orthogonal components, with a component slice per task.
 
@@ -47,8 +55,9 @@ class CodaPrompt(PromptPool):
     ``L/2`` key and ``L/2`` value rows. Task ``t`` owns components ``[c t, c (t+1))`` with ``c = components_per_task``.
     When it starts, that slice of ``K``, ``A`` and ``P`` is re-drawn and Gram-Schmidt-orthogonalised against the
     earlier components. Training uses ``[0, c t)`` detached plus the trainable current slice; evaluation uses
-    ``[0, c (t+1))``. Auxiliary loss: ``ortho_weight`` times the orthogonality penalty
-    ``sum ||M M^T - I||^2`` over ``M`` in ``{K, A, P}`` (the reference's weight is 0).
+    ``[0, c (t+1))``. Auxiliary loss: ``ortho_weight`` times the orthogonality penalty `ortho_penalty`
+    ``mean((M M^T - I)^2)`` of the rows in use, ``M`` in ``{K, A, P}``, summed over layers; as in the reference the
+    past tasks' rows enter detached, so the penalty never moves frozen components (the reference's weight is 0).
 
     Args:
         embed_dim: width of the prompted ViT.
@@ -130,7 +139,6 @@ class CodaPrompt(PromptPool):
         return torch.einsum("bnd,nd->bn", attended, F.normalize(keys.float(), dim=-1))
 
     def forward(self, query: Tensor, task: int, train: bool) -> PromptOutput:
-        stop = self.task_slice(task)[1]
         prefixes = {}
         loss = query.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self._layers):
@@ -139,8 +147,7 @@ class CodaPrompt(PromptPool):
             prompt = torch.einsum("bn,nld->bld", alpha.to(components.dtype), components)
             prefixes[layer] = self.split_prefix(prompt)
             if train and self.ortho_weight > 0:
-                for weight in (self.keys[i, :stop], self.attention[i, :stop], self.components[i, :stop]):
-                    flat = weight.reshape(stop, -1).float()
-                    eye = torch.eye(stop, device=flat.device)
-                    loss = loss + self.ortho_weight * ((flat @ flat.T - eye) ** 2).sum()
+                # past tasks' rows are detached (frozen), as in the forward pass: only the current slice is pushed
+                for weight in (self.keys, self.attention, self.components):
+                    loss = loss + self.ortho_weight * ortho_penalty(self.in_use(weight, i, task, train))
         return PromptOutput(prefixes=prefixes, loss=loss)

@@ -1,0 +1,89 @@
+"""`RunCheckpoint`: ``last.ckpt`` at every epoch end (and optionally every N training steps), exact to resume from."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+__all__ = ["RunCheckpoint"]
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A `ModelCheckpoint` for runs that must lose little when they crash and resume exactly.
+
+    - ``last.ckpt`` is written at the end of every ``every_n_epochs``-th training epoch (after that epoch's
+      validation, so a task-end checkpoint holds its accuracy-matrix row), whatever the validation cadence is:
+      Lightning's own callback saves only after validation when validation is not every epoch, and a continual run
+      validates once per task.
+    - ``every_n_train_steps`` adds a checkpoint every N optimizer steps (for long epochs); it may be combined with
+      ``every_n_epochs`` (Lightning makes the two exclusive). No step checkpoint is written on an epoch's last batch:
+      resuming from one would skip that epoch's validation; the epoch-end checkpoint follows a moment later.
+    - ``last.ckpt`` is a real file (not a link), written atomically (Lightning writes to a temporary file and moves
+      it), so copying or moving a run folder keeps it valid. With the default ``save_top_k=0`` it is the only file.
+    - Never saves on an exception whose ``keeps_last_checkpoint`` attribute is true (a diverged run: its state is not
+      worth keeping and must not replace the last good one).
+
+    Args:
+        dirpath: folder of the checkpoints (default: the logger's ``log_dir/checkpoints``).
+        filename: name pattern of the top-k checkpoints (see `ModelCheckpoint`).
+        every_n_epochs: save at the end of every N-th training epoch (``0`` = never at epoch ends).
+        every_n_train_steps: also save every N optimizer steps (``None``/``0`` = off).
+        save_last: keep ``last.ckpt`` (``True``; ``"link"`` makes it a symbolic link to the newest top-k file).
+        save_top_k: extra numbered checkpoints to keep besides ``last.ckpt`` (default ``0``: none).
+        enable_version_counter: ``False`` keeps the name ``last.ckpt`` after a resume or a re-run (distiller configs
+            point at ``.../checkpoints/last.ckpt``).
+        **kwargs: further `ModelCheckpoint` arguments (``monitor``, ``mode``, ``save_on_exception``, ...).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int | None = None,
+        save_last: bool | Literal["link"] | None = True,
+        save_top_k: int = 0,
+        enable_version_counter: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"checkpoint.every_n_epochs must be >= 0, got {every_n_epochs}")
+        steps = every_n_train_steps or 0
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            every_n_train_steps=steps,
+            every_n_epochs=0 if steps else every_n_epochs,  # Lightning refuses both; the epoch saves are ours
+            save_on_train_epoch_end=True,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
+        self.epoch_interval = every_n_epochs
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # an epoch's last batch: the epoch-end checkpoint covers it (a step checkpoint here is inexact)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        if self.epoch_interval >= 1 and (trainer.current_epoch + 1) % self.epoch_interval == 0:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if getattr(exception, "keeps_last_checkpoint", False):
+            return
+        super().on_exception(trainer, pl_module, exception)

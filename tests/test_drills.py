@@ -1,0 +1,189 @@
+"""Failure drills through the real ``cdl fit`` (subprocesses, CPU, a tiny ViT on synthetic data).
+
+- a NaN loss stops the run with a clear message and a non-zero exit; nothing diverged is saved;
+- a divergence in task 2 leaves the last good checkpoint (end of the previous epoch) from which the run resumes to the
+  uninterrupted run's exact accuracy matrix, and ``metrics.json`` says ``diverged``;
+- ``kill -9`` in the middle of task 2, epoch 2 of 3 loses at most that epoch (epoch checkpoints) or a step (step
+  checkpoints), and the resumed run ends with the uninterrupted run's exact accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
+
+from cdl_lightning.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH, EPOCHS_PER_TASK = 3, 3
+# task 2 (index 1) = epochs 3-5; its epoch 1 ends at global step 12, its epoch 2 (epoch 4) runs steps 13-15
+
+
+def fit_args(save_dir: Path, *extra: str) -> list[str]:
+    return ["fit", *as_args({
+        **cpu_run_options(save_dir, "run"),
+        "--trainer.limit_train_batches": STEPS_PER_EPOCH,
+        "--trainer.enable_model_summary": "false",
+        "--data.source.num_classes": 4,
+        "--data.source.train_per_class": 8,
+        "--data.source.test_per_class": 3,
+        "--data.num_tasks": 2,
+        "--data.epochs_per_task": EPOCHS_PER_TASK,
+        "--data.batch_size": 4,
+        "--data.image_size": 32,
+        "--data.num_workers": 0,
+        "--model": "cdl_lightning.models.PromptLearner",
+        "--model.backbone": TINY_BACKBONE,
+        "--model.lr": 0.05,  # learns enough in 18 steps for a matrix with distinct entries
+        "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
+        "--model.prompt.pool_size": 8,
+        "--model.prompt.layers": "[0, 1]",
+        "--evaluation.print_table": "false",
+        "--evaluation.log_image": "false",
+    }), *extra]
+
+
+def cdl(args: list[str], **kwargs) -> subprocess.Popen:
+    """``cdl ARGS`` in a subprocess, with ``tests/`` importable (for the drill callbacks)."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    code = "import sys, torch; torch.set_num_threads(1); from cdl_lightning.cli import main; main(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def metrics(save_dir: Path) -> dict:
+    return json.loads((save_dir / "run" / "metrics.json").read_text())
+
+
+def final_state(save_dir: Path) -> dict:
+    """The trainable state and per-task snapshots of a run's last checkpoint."""
+    state = torch.load(save_dir / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    return {"weights": state["state_dict"], "snapshots": state["cdl"]["task_snapshots"]}
+
+
+def assert_same_run(save_dir: Path, uninterrupted: dict) -> None:
+    """Same accuracy matrix and bitwise the same trainable weights and task snapshots as the uninterrupted run."""
+    result = metrics(save_dir)
+    assert result["status"] == "complete"
+    assert result["accuracy_matrix"] == uninterrupted["accuracy_matrix"]
+    state, reference = final_state(save_dir), uninterrupted["state"]
+    assert state["weights"].keys() == reference["weights"].keys()
+    assert all(torch.equal(state["weights"][k], reference["weights"][k]) for k in reference["weights"])
+    assert len(state["snapshots"]) == len(reference["snapshots"]) == 2
+    for mine, theirs in zip(state["snapshots"], reference["snapshots"]):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    save_dir = tmp_path_factory.mktemp("full")
+    cli_main(fit_args(save_dir))
+    result = metrics(save_dir)
+    assert result["status"] == "complete" and result["filled_rows"] == [0, 1]
+    matrix = result["accuracy_matrix"]
+    assert len({matrix[0][0], matrix[1][0], matrix[1][1]}) > 1  # a matrix that can tell runs apart
+    return {**result, "state": final_state(save_dir)}
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    process = cdl(fit_args(tmp_path, "--model.init_args.lr", "1e30"))
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 1, err[-2000:]
+    assert "Traceback" not in err
+    assert "training diverged at task 0, epoch 1 of 3" in err and "non-finite task loss" in err
+    assert "No checkpoint was written before it" in err
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no task finished: nothing that looks like a result
+
+
+def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path, uninterrupted):
+    poison_step = 13  # before the second batch of task 2's epoch 2
+    args = fit_args(tmp_path, "--trainer.callbacks+=_drill_helpers.PoisonAt", f"--trainer.callbacks.step={poison_step}")
+    process = cdl(args)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 1, err[-2000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert "training diverged at task 1, epoch 2 of 3" in err and "Traceback" not in err
+    assert f"resume with `--ckpt_path {last}`" in err
+    # the last good state: the end of task 2's first epoch (epoch 3), every trainable tensor finite
+    state = torch.load(last, weights_only=False)
+    assert state["epoch"] == 3 and state["global_step"] == 12
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    diverged = metrics(tmp_path)
+    assert diverged["status"] == "diverged" and diverged["filled_rows"] == [0]
+    cli_main(fit_args(tmp_path, "--ckpt_path", str(last)))
+    assert_same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("every", ["epoch", "step"])
+def test_kill_9_mid_task_loses_at_most_that_epoch(tmp_path, uninterrupted, every):
+    # stall at the end of the second batch of epoch 4 (task 2, epoch 2 of 3; global step 14), then SIGKILL
+    stall_step, marker = 14, tmp_path / "stalled"
+    cadence = [] if every == "epoch" else ["--checkpoint.every_n_train_steps", "1"]
+    args = fit_args(tmp_path, *cadence, "--trainer.callbacks+=_drill_helpers.StallAt",
+                    f"--trainer.callbacks.step={stall_step}", f"--trainer.callbacks.marker={marker}")
+    process = cdl(args)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run never reached the stall point"
+        time.sleep(0.2)
+    assert marker.read_text() == "4"
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not last.is_symlink()
+    state = torch.load(last, weights_only=False)
+    # epoch checkpoints: the end of epoch 3 (step 12); every step: step 13 (the stall came before step 14's save)
+    assert (state["global_step"], state["epoch"]) == ((12, 3) if every == "epoch" else (13, 4))
+    assert metrics(tmp_path)["status"] == "partial"
+    cli_main(fit_args(tmp_path, *cadence, "--ckpt_path", str(last)))
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_divergence_check_reads_its_flags_every_n_steps(tmp_path):
+    """In any Lightning project: the loss goes NaN at step 3; with checks every 2 steps the run stops at global step 4
+    naming the loss term, its first non-finite step and the non-finite parameters."""
+    from lightning.pytorch import LightningModule, Trainer
+
+    from cdl_lightning.callbacks import DivergenceCheck, DivergenceError
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).pow(2).mean()
+            if batch_idx == 3:
+                loss = loss * float("nan")
+            self.loss_terms = {"squared output": loss.detach()}
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.ones(16, 2))
+            return torch.utils.data.DataLoader(data, batch_size=2)
+
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[DivergenceCheck(check_every_n_steps=2)])
+    with pytest.raises(DivergenceError) as error_info:
+        trainer.fit(Tiny())
+    message = str(error_info.value)
+    assert "global step 4 (a periodic check)" in message
+    assert "non-finite squared output first at step 3" in message
+    assert "non-finite trainable parameters (layer.weight, layer.bias)" in message
+    assert trainer.global_step == 4
