@@ -13,6 +13,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
+from cdl_lightning.callbacks.protocols import HasTaskSchedule
+from cdl_lightning.tasks import task_of_epoch
+
 __all__ = ["DivergenceCheck", "DivergenceError"]
 
 
@@ -114,8 +117,12 @@ class DivergenceCheck(Callback):
         trainer: pl.Trainer, pl_module: pl.LightningModule, where: str, terms: list[str], step: int, params: list[str]
     ) -> str:
         epoch = trainer.current_epoch
-        epochs_per_task = getattr(pl_module, "epochs_per_task", None)
-        task = getattr(pl_module, "current_task", None)
+        if isinstance(pl_module, HasTaskSchedule):
+            epochs_per_task = pl_module.task_schedule.epochs_per_task
+            task = task_of_epoch(epoch, epochs_per_task, pl_module.task_schedule.num_tasks)
+        else:  # a foreign module: what it says of itself, if anything
+            epochs_per_task = getattr(pl_module, "epochs_per_task", None)
+            task = getattr(pl_module, "current_task", None)
         place = f"epoch {epoch}"
         if isinstance(task, int) and epochs_per_task:
             place = f"task {task}, epoch {epoch % epochs_per_task + 1} of {epochs_per_task} (global epoch {epoch})"

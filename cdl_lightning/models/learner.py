@@ -328,7 +328,7 @@ class PromptLearner(LightningModule):
         task_loss = self.method.loss(student, teacher, targets, start, stop)
         loss = task_loss + student.prompt_loss
         # the terms by name, as device tensors, for `callbacks.DivergenceCheck` (it reads them without a per-step sync)
-        self.loss_terms = {"task loss" if type(self.method) is DistillationMethod
+        self.loss_terms = {"task loss" if not self.method.needs_teacher
                            else f"task loss ({type(self.method).__name__}: cross-entropy + distillation)":
                            task_loss.detach(), "prompt loss": student.prompt_loss.detach()}
         batch_size = images.shape[0]
