@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,18 +59,30 @@ def test_missing_teacher_checkpoint(tmp_path, capsys):
     assert "teacher checkpoint" in line and "teacher.ckpt" in line
 
 
-def test_teacher_with_another_patch_grid_is_refused_before_compute(tmp_path, capsys):
-    # a teacher run's checkpoint (as TeacherRun reads it) on 32 px images in 8 px patches; the student uses 16 px
+def test_teacher_with_another_input_or_token_grid_is_refused_before_compute(tmp_path, capsys):
+    # a teacher run's checkpoint (as TeacherRun reads it) on 32 px images in 8 px patches
+    from cdl_lightning.models.distiller import TeacherRun
+    from cdl_lightning.nn.vit import as_backbone_config
+    from cdl_lightning.tasks import TaskSchedule
+
     teacher = tmp_path / "teacher.ckpt"
     backbone = {"name": "vit_tiny_patch16_224", "pretrained": False,
                 "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}}
     cdl = {"task_sizes": [2, 2], "class_order": None, "prompt_spec": None, "task_snapshots": [{}, {}]}
     torch.save({"hyper_parameters": {"backbone": backbone}, "cdl": cdl}, teacher)
+    # FitNets compares the tokens of both: a student on 16 px patches (2x2 grid) is refused
     student_backbone = TINY_BACKBONE.replace('"patch_size": 8', '"patch_size": 16')
-    student = {"--model": "cdl_lightning.models.Distiller", "--model.method": "cdl_lightning.nn.LogitKD",
+    student = {"--model": "cdl_lightning.models.Distiller", "--model.method": "cdl_lightning.nn.FitNets",
                "--model.teacher_checkpoint": str(teacher), "--model.backbone": student_backbone}
     line = user_error(capsys, ["fit", *options(tmp_path, **student)])
-    assert "4x4 patch grid" in line and "2x2 patches" in line and str(teacher) in line
+    assert "4x4 patch grid" in line and "2x2 patches" in line and str(teacher) in line and "patch grid differs" in line
+    # logit distillation only needs the same images: another patch grid is fine, another input size is not
+    run, schedule = TeacherRun(str(teacher)), TaskSchedule((2, 2))
+    run.check_matches(schedule, as_backbone_config(json.loads(student_backbone)), same_tokens=False)
+    larger = json.loads(TINY_BACKBONE)
+    larger["model_kwargs"]["img_size"] = 64
+    with pytest.raises(ValueError, match="input size differs"):
+        run.check_matches(schedule, as_backbone_config(larger), same_tokens=False)
 
 
 def test_unknown_keys_suggest_the_closest_and_name_the_file(tmp_path, capsys):
