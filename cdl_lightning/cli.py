@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE``, ``cdl compare RUN_DIR...`` or
     ``cdl pretrain --out FILE ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("compare", "pretrain"):
+    if argv and argv[0] in ("compare", "pretrain", "sweep"):
         import importlib
 
         importlib.import_module(f"cdl_lightning.{argv[0]}").main(argv[1:])
