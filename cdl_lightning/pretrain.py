@@ -104,7 +104,8 @@ def _jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
     return ((x - gray) * factors[:, 2] + gray).clamp_(0, 1)
 
 
-def _mix(x: torch.Tensor, y: torch.Tensor, classes: int, mixup: float, cutmix: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mix(x: torch.Tensor, y: torch.Tensor, classes: int, mixup: float,
+         cutmix: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), chosen with equal odds when both are on, with one
     Beta(a, a) draw per batch; returns the mixed images and soft targets."""
     target = F.one_hot(y, classes).float()
@@ -231,8 +232,12 @@ def pretrain(
         optimizer = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=lr, weight_decay=weight_decay)
         per_epoch = -(-len(labels) // batch_size)
         steps, warmup = epochs * per_epoch, max(1, round(warmup_epochs * per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                      0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+        def factor(step: int) -> float:  # linear warmup, then cosine to 0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         size = int(kwargs.get("img_size", vit.patch_embed.img_size[0]))
         augment = RandomResizedCropFlip(size, scale=crop_scale)
         mean = torch.tensor(vit.pretrained_cfg.get("mean", (0.5,) * 3), device=device_).view(1, 3, 1, 1)

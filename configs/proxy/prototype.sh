@@ -22,7 +22,7 @@ $CDL pretrain --out runs/proxy/backbones/teacher_mix.pth --name vit_small_patch1
 wait $both
 echo "pretraining: $(( $(date +%s) - start )) s"
 cp runs/proxy/backbones/*.json "$RESULTS/"
-python - <<'PY'
+${PYTHON:-python3} - <<'PY'
 import json, shutil
 light = json.load(open("runs/proxy/backbones/teacher.pth.json"))["result"]
 mix = json.load(open("runs/proxy/backbones/teacher_mix.pth.json"))["result"]
@@ -39,5 +39,5 @@ PY
 start=$(date +%s)
 $CDL sweep "$SWEEP" --gpus 0,0,0 || echo "sweep exit $?"
 echo "sweep: $(( $(date +%s) - start )) s"
-out=$(python -c "import yaml,sys; print(yaml.safe_load(open('$SWEEP'))['out'])")
+out=$(${PYTHON:-python3} -c "import yaml,sys; print(yaml.safe_load(open('$SWEEP'))['out'])")
 (cd "$out" && find . -name "*.json" -o -name "*.md" -o -name "*.csv" -o -name "sweep.log" | tar -cf - -T -) | tar -xf - -C "$RESULTS"
