@@ -11,7 +11,7 @@ and every student of that learner and seed distils from it. Runs go to ``OUT/LEA
 - Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``); without it, one run at a time.
 - Output: ``OUT/runs.csv`` and ``OUT/runs.json`` (every run: learner, method, seed, status, final average accuracy,
   forgetting, wall time, command) and ``OUT/table.md`` (mean ± std over seeds of final average accuracy and
-  forgetting, learner x method, the teacher as the first column), printed at the end.
+  forgetting, learner x method, the teacher as the first column), updated after every run and printed at the end.
 
 The sweep file (paths relative to the working directory, like every path in the configs)::
 
@@ -234,12 +234,14 @@ def run_sweep(spec: dict[str, Any], gpus: list[str] | None = None, dry_run: bool
             echo(run.command)
         return runs
     slots = list(gpus) if gpus else [None]
-    free, lock, wake = list(slots), threading.Lock(), threading.Event()
+    free, lock, wake, report = list(slots), threading.Lock(), threading.Event(), threading.Lock()
     running: dict[str, threading.Thread] = {}
 
     def work(run: SweepRun, device: str | None) -> None:
         try:
             _execute(run, device)
+            with report:  # the table and runs.csv/json follow the sweep: a killed sweep leaves them current
+                summarise(spec, runs)
         finally:
             with lock:
                 free.append(device)

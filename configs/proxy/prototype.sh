@@ -40,4 +40,5 @@ start=$(date +%s)
 $CDL sweep "$SWEEP" --gpus 0,0,0 || echo "sweep exit $?"
 echo "sweep: $(( $(date +%s) - start )) s"
 out=$(${PYTHON:-python3} -c "import yaml,sys; print(yaml.safe_load(open('$SWEEP'))['out'])")
-(cd "$out" && find . -name "*.json" -o -name "*.md" -o -name "*.csv" -o -name "sweep.log" | tar -cf - -T -) | tar -xf - -C "$RESULTS"
+for f in table.md runs.json runs.csv; do if [ -f "$out/$f" ]; then cp "$out/$f" "$RESULTS/"; fi; done
+find "$out" -name metrics.json | while read -r f; do rel=${f#"$out"/}; cp "$f" "$RESULTS/${rel//\//_}"; done
