@@ -72,3 +72,34 @@ def test_class_split_with_probe(tmp_path):
     # the synthetic shapes are easy: the probe on the 5 held-out classes beats chance (20 %) clearly
     assert result["probe_acc"] > 40.0
     assert "SeededClassSplit" in json.loads(out.with_name("w.pth.json").read_text())["recipe"]["source"]
+
+
+def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
+    """configs/proxy/*: the continual run sees classes 102..201 of the seed-0 permutation, 10 tasks of 10, in that
+    order (a fake 202-class pack stands in for ../shared/data/tiny-imagenet-32.npz)."""
+    from pathlib import Path
+
+    from cdl_lightning.cli import cli_main, expand_config_args
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    names = np.array([f"n{c:03d}" for c in range(202)])
+    labels = np.arange(202)
+    np.savez(tmp_path / "shared" / "data" / "tiny-imagenet-32.npz", names=names,
+             train_images=np.zeros((202, 32, 32, 3), np.uint8), train_labels=labels,
+             val_images=np.zeros((202, 32, 32, 3), np.uint8), val_labels=labels)
+    monkeypatch.chdir(tmp_path / "work")
+    from cdl_lightning.nn.vit import create_vit
+
+    Path("runs/proxy/backbones").mkdir(parents=True)
+    student = create_vit("vit_tiny_patch16_224", model_kwargs={"img_size": 32, "patch_size": 8})
+    torch.save(student.state_dict(), "runs/proxy/backbones/student.pth")
+    for learner in ("coda", "dualprompt", "l2p"):
+        cli = cli_main(expand_config_args(["--config", str(root / "configs" / "proxy" / learner / "student.yaml"),
+                                           "--trainer.logger", "false", "--trainer.accelerator", "cpu"]), run=False)
+        data = cli.datamodule
+        order = np.random.default_rng(0).permutation(202)
+        assert data.num_classes == 100 and data.task_sizes == [10] * 10
+        assert data.class_names == [f"n{c:03d}" for c in order[102:]]
+        assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": 8}
