@@ -45,7 +45,8 @@ __all__ = ["SeededClassSplit", "pretrain", "linear_probe", "recipe_hash", "main"
 
 class SeededClassSplit(ArraySource):
     """A part of ``source``'s classes, split by a seeded permutation (interim class selection of ``cdl pretrain``
-    and the proxy configs, until every data source takes a class list).
+    and the proxy configs, until every data source takes a class list; the same classes as a source's
+    ``classes: {seed: S, stop: first}`` / ``{seed: S, start: first}`` selection where sources have one).
 
     The classes are ordered by ``numpy.random.default_rng(seed).permutation(source.num_classes)``; part ``"first"``
     keeps the first ``first`` of them, part ``"rest"`` the others. Labels become positions in that part
@@ -70,6 +71,8 @@ class SeededClassSplit(ArraySource):
         self._position[self.classes] = np.arange(len(self.classes))
         self.num_classes = len(self.classes)
         self.class_names = [str(source.class_names[c]) for c in self.classes]
+        if hasattr(self, "select"):  # sources with a built-in class selection: this one keeps all of its classes
+            self.select(None)
 
     def prepare(self) -> None:
         self.source.prepare()
