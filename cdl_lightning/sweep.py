@@ -8,10 +8,12 @@ and every student of that learner and seed distils from it. Runs go to ``OUT/LEA
 - Resumable: a run whose ``metrics.json`` has its last task's row (``final.task == num_tasks - 1``) is finished and
   skipped; an unfinished run with a ``checkpoints/last.ckpt`` resumes from it (``--ckpt_path``). Kill the sweep and
   run the same command again.
-- Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``); without it, one run at a time.
+- Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``; an id listed twice runs two runs at
+  once on that GPU); without it, one run at a time.
 - Output: ``OUT/runs.csv`` and ``OUT/runs.json`` (every run: learner, method, seed, status, final average accuracy,
   forgetting, wall time, command) and ``OUT/table.md`` (mean ± std over seeds of final average accuracy and
-  forgetting, learner x method, the teacher as the first column), updated after every run and printed at the end.
+  forgetting, learner x method, the teacher as the first column; with several seeds, each method's difference to
+  ``none`` and KDP's to KD, marked as beyond the seeds' spread or not), updated after every run, printed at the end.
 
 The sweep file (paths relative to the working directory, like every path in the configs)::
 
@@ -316,6 +318,20 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
                   "| learner | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         lines += [f"| {learner} | " + " | ".join(cell(table[learner][m], key) for m in columns) + " |"
                   for learner in table]
+        lines.append("")
+    pairs = [(m, "none") for m in columns if m != "none" and "none" in columns]
+    pairs += [("kdp", "kd")] if {"kdp", "kd"} <= set(columns) else []
+    if pairs and len(spec["seeds"]) > 1:
+        lines += ["Differences of final average accuracy (points); 'yes' when |difference| > the sum of the two stds",
+                  "", "| learner | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        for learner in table:
+            cells = []
+            for a, b in pairs:
+                (mean_a, std_a), (mean_b, std_b) = table[learner][a]["avg_acc"], table[learner][b]["avg_acc"]
+                diff = mean_a - mean_b
+                cells.append("" if math.isnan(diff) else
+                             f"{diff:+.2f} ({'yes' if abs(diff) > std_a + std_b else 'within the spread'})")
+            lines.append(f"| {learner} | " + " | ".join(cells) + " |")
         lines.append("")
     markdown = "\n".join(lines)
     (out / "table.md").write_text(markdown)

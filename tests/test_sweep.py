@@ -82,6 +82,11 @@ def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
             assert result["table"][learner][method]["avg_acc"] == pytest.approx([mean, std], abs=1e-9)
             assert result["table"][learner][method]["seeds"] == 2
             assert f"{mean:.2f} ± {std:.2f}" in (out / "table.md").read_text()
+    # the differences to `none`, flagged against the seeds' spread
+    table = result["table"]["coda"]
+    diff = table["kd"]["avg_acc"][0] - table["none"]["avg_acc"][0]
+    verdict = "yes" if abs(diff) > table["kd"]["avg_acc"][1] + table["none"]["avg_acc"][1] else "within the spread"
+    assert f"{diff:+.2f} ({verdict})" in (out / "table.md").read_text()
     # the students were taught by their own seed's teacher, and the recorded command says so
     kd = next(r for r in runs if r["learner"] == "l2p" and r["method"] == "kd" and r["seed"] == 1)
     assert str(out / "l2p" / "seed1" / "teacher" / "checkpoints" / "last.ckpt") in kd["command"]
