@@ -1,0 +1,105 @@
+"""`cdl pretrain`: seeded (same seed -> bitwise the same weights on CPU, through the real entry point), cached by
+recipe hash, with the full recipe (mixup/CutMix, smoothing, jitter), the seeded class split and the linear probe."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cdl_lightning.cli import main
+from cdl_lightning.data import SyntheticShapes
+from cdl_lightning.pretrain import SeededClassSplit
+
+KWARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1}'
+RECIPE = ["--synthetic-classes", "8", "--classes", "4", "8", "--epochs", "2", "--batch-size", "32", "--model-kwargs",
+          KWARGS, "--mixup", "0.8", "--cutmix", "1.0", "--label-smoothing", "0.1", "--jitter", "0.3"]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_same_seed_same_weights_and_cache(tmp_path, capsys):
+    torch.manual_seed(123)  # the global generator's state must not matter ...
+    main(["pretrain", "--out", str(tmp_path / "a.pth"), *RECIPE])
+    torch.manual_seed(456)
+    main(["pretrain", "--out", str(tmp_path / "b.pth"), *RECIPE])
+    main(["pretrain", "--out", str(tmp_path / "c.pth"), *RECIPE, "--seed", "1"])
+    a, b, c = (_weights(tmp_path / f"{n}.pth") for n in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # ... bitwise the same weights
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # another seed, other weights
+    # ... and the global generator is left as it was
+    state = torch.get_rng_state()
+    main(["pretrain", "--out", str(tmp_path / "d.pth"), *RECIPE, "--force"])
+    assert torch.equal(torch.get_rng_state(), state)
+    # a rerun with the same recipe is skipped (file untouched); a changed recipe retrains
+    stamp = (tmp_path / "a.pth").stat().st_mtime_ns
+    capsys.readouterr()
+    main(["pretrain", "--out", str(tmp_path / "a.pth"), *RECIPE])
+    assert "skipping the pretraining" in capsys.readouterr().out
+    assert (tmp_path / "a.pth").stat().st_mtime_ns == stamp
+    sidecar = json.loads((tmp_path / "a.pth.json").read_text())
+    assert sidecar["recipe"]["mixup"] == 0.8 and sidecar["recipe"]["epochs"] == 2
+    main(["pretrain", "--out", str(tmp_path / "a.pth"), *RECIPE[:-2]])  # no jitter: another recipe
+    assert json.loads((tmp_path / "a.pth.json").read_text())["hash"] != sidecar["hash"]
+    assert (tmp_path / "a.pth").stat().st_mtime_ns != stamp
+
+
+def test_seeded_class_split_partitions_the_classes():
+    source = SyntheticShapes(num_classes=10, train_per_class=3, test_per_class=2, seed=0)
+    first, rest = SeededClassSplit(source, 4, "first"), SeededClassSplit(source, 4, "rest")
+    order = np.random.default_rng(0).permutation(10)
+    assert list(first.classes) == list(order[:4]) and list(rest.classes) == list(order[4:])
+    assert first.num_classes == 4 and rest.num_classes == 6
+    assert first.class_names == [source.class_names[c] for c in order[:4]]
+    images, labels = rest.arrays("train")
+    full_images, full_labels = source.arrays("train")
+    for position, original in enumerate(order[4:]):  # label k of the part is class order[4 + k] of the source
+        assert np.array_equal(images[labels == position], full_images[full_labels == original])
+    assert np.array_equal(rest.labels("test"), rest.arrays("test")[1])
+    with pytest.raises(ValueError, match="first must be in"):
+        SeededClassSplit(source, 10)
+
+
+def test_class_split_with_probe(tmp_path):
+    out = tmp_path / "w.pth"
+    main(["pretrain", "--out", str(out), "--synthetic-classes", "10", "--class-split", "5", "--probe", "--epochs", "1",
+          "--model-kwargs", KWARGS.replace(', "drop_path_rate": 0.1', "")])
+    result = json.loads(out.with_name("w.pth.json").read_text())["result"]
+    # the synthetic shapes are easy: the probe on the 5 held-out classes beats chance (20 %) clearly
+    assert result["probe_acc"] > 40.0
+    assert "SeededClassSplit" in json.loads(out.with_name("w.pth.json").read_text())["recipe"]["source"]
+
+
+def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
+    """configs/proxy/*: the continual run sees classes 102..201 of the seed-0 permutation, 10 tasks of 10, in that
+    order (a fake 202-class pack stands in for ../shared/data/tiny-imagenet-32.npz)."""
+    from pathlib import Path
+
+    from cdl_lightning.cli import cli_main, expand_config_args
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    names = np.array([f"n{c:03d}" for c in range(202)])
+    labels = np.arange(202)
+    np.savez(tmp_path / "shared" / "data" / "tiny-imagenet-32.npz", names=names,
+             train_images=np.zeros((202, 32, 32, 3), np.uint8), train_labels=labels,
+             val_images=np.zeros((202, 32, 32, 3), np.uint8), val_labels=labels)
+    monkeypatch.chdir(tmp_path / "work")
+    from cdl_lightning.nn.vit import create_vit
+
+    Path("runs/proxy/backbones").mkdir(parents=True)
+    student = create_vit("vit_tiny_patch16_224", model_kwargs={"img_size": 32, "patch_size": 8})
+    torch.save(student.state_dict(), "runs/proxy/backbones/student.pth")
+    for learner in ("coda", "dualprompt", "l2p"):
+        cli = cli_main(expand_config_args(["--config", str(root / "configs" / "proxy" / learner / "student.yaml"),
+                                           "--trainer.logger", "false", "--trainer.accelerator", "cpu"]), run=False)
+        data = cli.datamodule
+        order = np.random.default_rng(0).permutation(202)
+        assert data.num_classes == 100 and data.task_sizes == [10] * 10
+        assert data.class_names == [f"n{c:03d}" for c in order[102:]]
+        assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": 8}

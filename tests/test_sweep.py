@@ -1,0 +1,166 @@
+"""`cdl sweep` through the real entry point: a 2 learners x 2 methods x 2 seeds grid of tiny CPU runs (2 tasks x 1
+epoch) writes a table equal to the runs' metrics.json, skips finished runs on a rerun, and a killed sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdl_lightning.cli import main
+from cdl_lightning.sweep import load_sweep, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"name": "vit_tiny_patch16_224", "pretrained": False,
+        "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+PROMPTS = {
+    "coda": {"class_path": "cdl_lightning.nn.prompts.CodaPrompt",
+             "init_args": {"pool_size": 4, "length": 2, "layers": [0, 1]}},
+    "l2p": {"class_path": "cdl_lightning.nn.prompts.L2P",
+            "init_args": {"pool_size": 4, "length": 2, "top_k": 2, "layers": [0]}},
+}
+
+
+def _write_configs(tmp_path: Path, learners: list[str]) -> dict[str, dict[str, str]]:
+    common = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "log_every_n_steps": 1,
+                    "limit_train_batches": 2},
+        "data": {"source": {"class_path": "cdl_lightning.data.SyntheticShapes",
+                            "init_args": {"num_classes": 4, "seed": 0, "train_per_class": 8, "test_per_class": 4}},
+                 "num_tasks": 2, "epochs_per_task": 1, "batch_size": 8, "image_size": 32},
+        "evaluation": {"print_table": False},
+    }
+    out = {}
+    for learner in learners:
+        teacher = {**common, "model": {"class_path": "cdl_lightning.models.PromptLearner",
+                                       "init_args": {"backbone": TINY, "prompt": PROMPTS[learner], "lr": 0.01}}}
+        student_backbone = {**TINY, "model_kwargs": {**TINY["model_kwargs"], "embed_dim": 16}}
+        student = {**common, "model": {"class_path": "cdl_lightning.models.Distiller",
+                                       "init_args": {"backbone": student_backbone, "prompt": PROMPTS[learner],
+                                                     "lr": 0.01}}}
+        out[learner] = {}
+        for role, config in (("teacher", teacher), ("student", student)):
+            path = tmp_path / f"{learner}_{role}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            out[learner][role] = str(path)
+    return out
+
+
+def _sweep_file(tmp_path: Path, learners: list[str], methods: list[str], seeds: list[int]) -> Path:
+    spec = {"out": str(tmp_path / "sweep"), "seeds": seeds, "learners": _write_configs(tmp_path, learners),
+            "methods": {m: str(ROOT / "configs" / "methods" / f"{m}.yaml") for m in methods}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sweep = _sweep_file(tmp_path, ["coda", "l2p"], ["none", "kd"], [0, 1])
+    main(["sweep", str(sweep)])
+    out = tmp_path / "sweep"
+    result = json.loads((out / "runs.json").read_text())
+    runs = result["runs"]
+    assert len(runs) == 2 * 2 * (1 + 2) and all(r["status"] == "done" for r in runs)
+    # every run's result is its metrics.json's final row, and the table is their mean / sample std over the seeds
+    for learner in ("coda", "l2p"):
+        for method in ("teacher", "none", "kd"):
+            finals = [json.loads((out / learner / f"seed{s}" / method / "metrics.json").read_text())["final"]
+                      for s in (0, 1)]
+            assert all(f["task"] == 1 for f in finals)
+            accs = [f["avg_acc"] for f in finals]
+            mean = sum(accs) / 2
+            std = math.sqrt(sum((a - mean) ** 2 for a in accs))  # n - 1 = 1
+            assert result["table"][learner][method]["avg_acc"] == pytest.approx([mean, std], abs=1e-9)
+            assert result["table"][learner][method]["seeds"] == 2
+            assert f"{mean:.2f} ± {std:.2f}" in (out / "table.md").read_text()
+    # the differences to `none`, flagged against the seeds' spread
+    table = result["table"]["coda"]
+    diff = table["kd"]["avg_acc"][0] - table["none"]["avg_acc"][0]
+    verdict = "yes" if abs(diff) > table["kd"]["avg_acc"][1] + table["none"]["avg_acc"][1] else "within the spread"
+    assert f"{diff:+.2f} ({verdict})" in (out / "table.md").read_text()
+    # the students were taught by their own seed's teacher, and the recorded command says so
+    kd = next(r for r in runs if r["learner"] == "l2p" and r["method"] == "kd" and r["seed"] == 1)
+    assert str(out / "l2p" / "seed1" / "teacher" / "checkpoints" / "last.ckpt") in kd["command"]
+    assert "--seed_everything 1" in kd["command"] and kd["command"].startswith("cdl fit --config")
+    csv_lines = (out / "runs.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 12 and csv_lines[0].startswith("learner,method,seed,status,avg_acc")
+    # a rerun trains nothing: every run is skipped and no file of a run changes
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out}
+    capsys.readouterr()
+    main(["sweep", str(sweep)])
+    assert "12 runs (12 skipped as finished, 0 failed)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out} == stamps
+    rerun = json.loads((out / "runs.json").read_text())
+    assert rerun["table"] == result["table"]
+
+
+KILLER = '''
+import os, signal
+from pathlib import Path
+from lightning.pytorch.callbacks import Callback
+
+class KillSweepOnce(Callback):
+    """Kills the whole sweep (its process group) at the start of epoch 1, once (while the trigger file exists)."""
+    def on_train_epoch_start(self, trainer, pl_module):
+        trigger = Path(os.environ["KILL_TRIGGER"])
+        if trainer.current_epoch == 1 and trigger.exists():
+            trigger.unlink()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+'''
+
+
+def test_killed_sweep_resumes_from_last_checkpoint(tmp_path):
+    sweep = _sweep_file(tmp_path, ["coda"], ["none"], [0])
+    spec = yaml.safe_load(sweep.read_text())
+    spec["teacher_overrides"] = ["--trainer.callbacks+=killer.KillSweepOnce"]
+    sweep.write_text(yaml.safe_dump(spec))
+    (tmp_path / "killer.py").write_text(KILLER)
+    trigger = tmp_path / "trigger"
+    trigger.touch()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "KILL_TRIGGER": str(trigger)}
+    command = [sys.executable, "-m", "cdl_lightning.cli", "sweep", str(sweep)]
+    first = subprocess.run(command, cwd=tmp_path, env=env, start_new_session=True, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    teacher = tmp_path / "sweep" / "coda" / "seed0" / "teacher"
+    assert not trigger.exists() and (teacher / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((teacher / "metrics.json").read_text())["final"]["task"] == 0  # killed after task 0
+    time.sleep(0.01)
+    second = subprocess.run(command, cwd=tmp_path, env=env, start_new_session=True, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    runs = {r["method"]: r for r in json.loads((tmp_path / "sweep" / "runs.json").read_text())["runs"]}
+    assert runs["teacher"]["status"] == "resumed, done" and runs["none"]["status"] == "done"
+    log = (teacher / "sweep.log").read_text()
+    assert f"--ckpt_path {teacher / 'checkpoints' / 'last.ckpt'}" in log
+    assert json.loads((teacher / "metrics.json").read_text())["final"]["task"] == 1
+
+
+def test_sweep_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"out": "x", "seeds": [0], "learners": {"coda": {"teacher": "missing.yaml"}}}))
+    with pytest.raises(ValueError, match="learner 'coda' needs a teacher and a student config"):
+        load_sweep(str(bad))
+    bad.write_text(yaml.safe_dump({"out": "x", "seeds": [0], "learners": {}, "method": []}))
+    with pytest.raises(ValueError, match=r"unknown keys \['method'\]"):
+        load_sweep(str(bad))
+
+
+def test_shipped_sweep_files_plan_the_paper_grid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep("configs/sweeps/cifar100.yaml")
+    runs = plan(spec)
+    assert len(runs) == len(spec["learners"]) * len(spec["seeds"]) * (1 + len(spec["methods"]))
+    assert {r.method for r in runs} == {"teacher", "none", "kd", "dkd", "fitnets", "reviewkd", "deit", "kdp"}
+    for name in ("configs/sweeps/imagenet_r.yaml", "configs/proxy/sweep.yaml"):
+        assert len(plan(load_sweep(name))) > 0
