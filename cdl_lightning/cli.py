@@ -43,7 +43,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("cdl_lightning.pretrain", "train a backbone offline and write its weights file"),
     "pack": ("cdl_lightning.pack", "write an image folder or arrays as the library's npz pack (class subsets too)"),
     "export": ("cdl_lightning.export", "export a trained model as torch.export (.pt2) and ONNX with a JSON sidecar"),
-    "sweep": ("cdl_lightning.sweep", "run a resumable grid of teacher/student runs (learners x methods x seeds) and its table"),
+    "sweep": ("cdl_lightning.sweep", "run a resumable grid of runs (learners x methods x seeds) and its table"),
 }
 """The ``cdl`` subcommands besides LightningCLI's ``fit``, ``validate``, ``test`` and ``predict``."""
 
