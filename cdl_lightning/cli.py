@@ -347,6 +347,13 @@ def main(argv: list[str] | None = None) -> None:
         _STATE["trainer"] = None
 
 
+def _brief(message: str, details: int = 3) -> str:
+    """The first line of an error message and at most ``details`` of the lines under it (e.g. the files named)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    more = len(lines) - 1 - details
+    return "\n".join(lines[: details + 1] + ([f"  ... and {more} more lines (--debug shows them)"] if more > 0 else []))
+
+
 def _classify(error: BaseException, args: list[str]) -> tuple[int | None, str]:
     """``(exit status, message)`` of an error that is not a bug, or ``(None, "")``."""
     from jsonargparse import ArgumentError
@@ -360,7 +367,7 @@ def _classify(error: BaseException, args: list[str]) -> tuple[int | None, str]:
         return 2, str(root)
     before_compute = not _compute_started()
     if before_compute and isinstance(root, (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)):
-        return 2, str(root).splitlines()[0] if str(root) else type(root).__name__
+        return 2, _brief(str(root)) or type(root).__name__
     if isinstance(error, ArgumentError):
         return 2, parse_error_message(error, args)
     return None, ""
