@@ -24,9 +24,10 @@ CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="the GPU suite needs CUDA (torch.cuda.is_available())")]
 TWO_GPUS = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
-# h11 makes the evaluation/teacher graphs independent of the task (today every task captures its own "logits" and
-# "teacher" graphs). Flip this to True when that change lands: `test_graph_counters_of_a_fit` then expects one
-# capture per pass, and `test_captures_do_not_grow_with_the_number_of_tasks` stops being an expected failure.
+# Every task captures its own "logits" and "teacher" graphs (CODA-Prompt's pass uses 10 (t + 1) components at task t,
+# so its shapes change with the task). Flip this to True if the graphs become independent of the task:
+# `test_graph_counters_of_a_fit` then expects one capture per pass, and
+# `test_captures_do_not_grow_with_the_number_of_tasks` stops being an expected failure.
 GRAPHS_SHARED_ACROSS_TASKS = False
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 4, "num_heads": 2}
