@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -150,7 +151,9 @@ def test_fast_paths_component_holds_the_flags_and_acts_on_them(tiny_vit_config):
     # off CUDA the training pass runs eagerly; with graphs on a wrapper is created once per name
     paths.cuda_graphs = True
     assert model.uses_cuda_graphs and paths.training_pass(vit, on_cuda=False) is None
-    assert isinstance(paths.training_pass(vit, on_cuda=True), GraphedTrainingPass)
+    assert paths.training_pass(vit, on_cuda=True) is None  # fp32 (no autocast): eager, bitwise the plain run
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        assert isinstance(paths.training_pass(vit, on_cuda=True), GraphedTrainingPass)  # under mixed precision
     fn = lambda images: (images,)  # noqa: E731
     runner = model.graphed("x", fn, [vit])
     assert isinstance(runner, GraphedFunction) and model.graphed("x", fn, [vit]) is runner

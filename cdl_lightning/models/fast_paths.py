@@ -31,7 +31,7 @@ class FastPaths:
             precision (autocast would re-cast them on every pass; bit-identical results).
         cuda_graphs: on CUDA, replay the frozen passes from CUDA graphs: the gradient-free ones through `graphed`
             (`GraphedFunction`), the prompted training pass forward and backward through `training_pass`
-            (`GraphedTrainingPass`).
+            (`GraphedTrainingPass`, under mixed precision only).
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
@@ -59,8 +59,11 @@ class FastPaths:
         return self.runners[name]
 
     def training_pass(self, vit: nn.Module, on_cuda: bool) -> GraphedTrainingPass | None:
-        """The graphed forward+backward of the prompted ``vit`` for a training step on CUDA, else ``None`` (eager)."""
-        if not (on_cuda and self.uses_cuda_graphs):
+        """The graphed forward+backward of the prompted ``vit`` for a training step on CUDA under autocast (mixed
+        precision), else ``None`` (eager). In fp32 the graphed backward accumulated the prompt gradients in another
+        order than eager autograd (learned keys off by up to 9e-10 after 4 steps of a ViT-B -> ViT-S KDP student on an
+        H200, `tests/gpu`), so fp32 steps run this pass eagerly and stay bitwise equal to the plain run."""
+        if not (on_cuda and self.uses_cuda_graphs and torch.is_autocast_enabled("cuda")):
             return None
         if "train" not in self.runners:
             self.runners["train"] = GraphedTrainingPass(vit)

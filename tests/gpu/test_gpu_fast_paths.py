@@ -100,8 +100,11 @@ def test_hand_steps_fast_paths_equal_eager(teacher_checkpoint, precision):
     fast = hand_steps(True, teacher_checkpoint, precision)
     assert eager.counters == {}  # cuda_graphs=False: no runner at all
     # every graph captured once (one input shape each) on its second call, and replayed from then on
-    assert fast.counters == {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "train": (1, STEPS - 1),
-                             "logits": (2, 2)}, fast.counters  # logits: one graph under no_grad, one inference_mode
+    # (the training pass is graphed under mixed precision only: in fp32 its backward summed in another order)
+    expected = {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "logits": (2, 2)}  # logits: no_grad, inference
+    if precision == "bf16":
+        expected["train"] = (1, STEPS - 1)
+    assert fast.counters == expected, fast.counters
     assert_bitwise(fast.losses, eager.losses, "training losses")
     assert fast.state.keys() == eager.state.keys()
     for name, value in eager.state.items():
