@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU checks of a change, as run on the project's GPU machine (one or two H200s), in as few calls as possible:
+#
+#   bash benchmarks/gpu_checks.sh PACK.npz OUT_DIR [PART ...]
+#
+# PART (default: all, in this order):
+#   tests   the GPU test suite (pytest -m gpu tests/gpu): fast paths bitwise equal to eager, graph counters, exact
+#           resume and validate on GPU, 1-GPU == 2-GPU DDP evaluation (skips with fewer than 2 GPUs)
+#   e2e1    benchmarks/e2e.py on 1 GPU: the ViT-B CODA teacher, then the ViT-B -> ViT-S KDP student taught by it
+#   e2e2    benchmarks/e2e.py on 2 GPUs (DDP): the same teacher run, with the 1-GPU step rate from e2e1
+#   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
+#
+# Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
+# of numpy.random.default_rng(0).permutation(202): 50,000 train / 5,000 test images, 32 px upscaled to 224, 10 tasks x
+# EPOCHS_PER_TASK (default 1) epochs, batch 64, bf16-mixed, random ViT weights. Every result lands in OUT_DIR as flat
+# files (logs and JSON lines). The exit status is that of the first failing part.
+set -uo pipefail
+PACK=${1:?usage: gpu_checks.sh PACK.npz OUT_DIR [PART ...]}
+OUT=${2:?usage: gpu_checks.sh PACK.npz OUT_DIR [PART ...]}
+shift 2
+PARTS=${*:-tests e2e1 e2e2 deploy}
+EPOCHS_PER_TASK=${EPOCHS_PER_TASK:-1}
+RUNS=${RUNS:-/tmp/cdl-gpu-runs}
+CLASSES='{seed: 0, start: 102}'
+DATA=(--npz "$PACK" --epochs-per-task "$EPOCHS_PER_TASK")
+CLI=(-- --data.source.classes "$CLASSES" --data.source.decode_workers 8)
+mkdir -p "$OUT" "$RUNS"
+status=0
+note() { echo "== $(date -u +%H:%M:%S) $*"; }
+keep() { local rc=$?; [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc; note "exit $rc"; }
+
+nvidia-smi -L || true
+python3 -c 'import torch, lightning, timm; print("torch", torch.__version__, "lightning", lightning.__version__,
+"timm", timm.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))'
+
+for part in $PARTS; do
+  case $part in
+    tests)
+      note "GPU test suite"
+      python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+      keep ;;
+    e2e1)
+      note "e2e: ViT-B CODA teacher, 1 GPU"
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --out "$RUNS/gpu1" \
+        --json "$OUT/e2e_teacher_1gpu.json" --no-progress-bar "${CLI[@]}" > "$OUT/e2e_teacher_1gpu.log" 2>&1
+      keep; tail -12 "$OUT/e2e_teacher_1gpu.log"
+      note "e2e: ViT-B -> ViT-S KDP student, 1 GPU"
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model kdp-b-s --out "$RUNS/gpu1" \
+        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" --json "$OUT/e2e_student_1gpu.json" --no-progress-bar \
+        "${CLI[@]}" > "$OUT/e2e_student_1gpu.log" 2>&1
+      keep; tail -12 "$OUT/e2e_student_1gpu.log" ;;
+    e2e2)
+      rate=$(python3 -c "import json; print(json.load(open('$OUT/e2e_teacher_1gpu.json'))['step_img_per_s'])" \
+             2>/dev/null || echo "")
+      note "e2e: ViT-B CODA teacher, 2 GPUs DDP (step rate ${rate:-measured})"
+      python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --devices 2 --out "$RUNS/gpu2" \
+        ${rate:+--step-rate "$rate"} --json "$OUT/e2e_teacher_2gpu.json" --no-progress-bar "${CLI[@]}" \
+        > "$OUT/e2e_teacher_2gpu.log" 2>&1
+      keep; tail -12 "$OUT/e2e_teacher_2gpu.log"
+      for n in 1 2; do
+        cp "$RUNS/gpu$n/coda-b/metrics.json" "$OUT/metrics_teacher_${n}gpu.json" 2>/dev/null || true
+      done ;;
+    deploy)
+      note "deploy: ViT-B teacher vs ViT-S student (random weights), CUDA"
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/deploy.py --random vit_base/vit_small --device cuda \
+        --forms checkpoint pt2 > "$OUT/deploy_cuda.log" 2>&1
+      keep; tail -12 "$OUT/deploy_cuda.log" ;;
+    *) echo "unknown part $part"; status=2 ;;
+  esac
+done
+exit $status
