@@ -5,8 +5,8 @@ machine. This tool trains a ViT (all of it) on a fixed-size source (the built-in
 pack such as ``../shared/data/tiny-imagenet-32.npz``) and writes its weights, without classifier, in timm's format:
 pass the file as ``backbone.checkpoint_path``. Use classes disjoint from the continual run's, as ImageNet pretraining
 is for CIFAR-100: ``--classes LOW HIGH`` (a label range) or ``--class-split K`` (the first ``K`` classes of the
-seed-``--split-seed`` permutation ``numpy.random.default_rng(seed).permutation(C)``; `SeededClassSplit` with
-``part: rest`` gives the continual run the other classes).
+seed-``--split-seed`` permutation ``numpy.random.default_rng(seed).permutation(C)``, i.e. the source's own class
+selection ``classes: {seed: S, stop: K}``; the continual run takes the other classes with ``{seed: S, start: K}``).
 
 Recipe (small data wants regularisation): AdamW with linear warmup then cosine decay (per step), RandomResizedCrop +
 flip, optional per-sample colour jitter, mixup / CutMix (one of them per batch) and label smoothing, optional
@@ -14,7 +14,7 @@ stochastic depth (``drop_path_rate`` in ``--model-kwargs``), bf16 autocast on CU
 augmentation, dropout) is drawn from generators seeded by ``--seed``: the same seed gives bitwise the same weights
 on the CPU. The weights file gets a sidecar ``FILE.json`` with the recipe, its hash and the accuracies; a rerun with
 the same recipe skips the training (``--force`` retrains). ``--probe`` also fits a linear probe on the frozen features
-of the held-out classes (the other part of ``--class-split``).
+of the held-out classes (the other part of ``--class-split``: ``classes: {seed: S, start: K}``).
 
     cdl pretrain --out runs/demo/backbone.pth --source synthetic --synthetic-classes 40 --classes 20 40 \
         --model-kwargs '{"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}'
@@ -36,59 +36,11 @@ import torch.nn.functional as F
 
 from cdl_lightning.data.augment import RandomResizedCropFlip
 from cdl_lightning.data.npz import NpzSource
-from cdl_lightning.data.source import ArraySource, Split
+from cdl_lightning.data.source import ArraySource
 from cdl_lightning.data.synthetic import SyntheticShapes
 from cdl_lightning.nn.vit import create_vit
 
-__all__ = ["SeededClassSplit", "pretrain", "linear_probe", "recipe_hash", "main"]
-
-
-class SeededClassSplit(ArraySource):
-    """A part of ``source``'s classes, split by a seeded permutation (interim class selection of ``cdl pretrain``
-    and the proxy configs, until every data source takes a class list; the same classes as a source's
-    ``classes: {seed: S, stop: first}`` / ``{seed: S, start: first}`` selection where sources have one).
-
-    The classes are ordered by ``numpy.random.default_rng(seed).permutation(source.num_classes)``; part ``"first"``
-    keeps the first ``first`` of them, part ``"rest"`` the others. Labels become positions in that part
-    (``0..K-1``, in permutation order), so ``class_order: natural`` walks the permutation.
-
-    Args:
-        source: A fixed-size source (e.g. `NpzSource` of ``tiny-imagenet-32.npz``).
-        first: Number of classes in the first part (``0 < first < source.num_classes``).
-        part: ``"first"`` (e.g. pretraining classes) or ``"rest"`` (e.g. continual-learning classes).
-        seed: Seed of the permutation.
-    """
-
-    def __init__(self, source: ArraySource, first: int, part: Literal["first", "rest"] = "first", seed: int = 0):
-        if not 0 < first < source.num_classes:
-            raise ValueError(f"SeededClassSplit: first must be in (0, {source.num_classes}), got {first}")
-        if part not in ("first", "rest"):
-            raise ValueError(f"SeededClassSplit: part must be 'first' or 'rest', got {part!r}")
-        self.source, self.first, self.part, self.seed = source, int(first), part, int(seed)
-        order = np.random.default_rng(seed).permutation(source.num_classes)
-        self.classes = order[:first] if part == "first" else order[first:]
-        self._position = np.full(source.num_classes, -1, dtype=np.int64)
-        self._position[self.classes] = np.arange(len(self.classes))
-        self.num_classes = len(self.classes)
-        self.class_names = [str(source.class_names[c]) for c in self.classes]
-        if hasattr(self, "select"):  # sources with a built-in class selection: this one keeps all of its classes
-            self.select(None)
-
-    def prepare(self) -> None:
-        self.source.prepare()
-
-    def labels(self, split: Split) -> np.ndarray:
-        labels = self._position[np.asarray(self.source.labels(split), dtype=np.int64)]
-        return labels[labels >= 0]
-
-    def _load(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = self.source.arrays(split)
-        mapped = self._position[labels]
-        keep = mapped >= 0
-        return images[keep], mapped[keep]
-
-    def __repr__(self) -> str:
-        return f"SeededClassSplit({self.source!r}, first={self.first}, part={self.part!r}, seed={self.seed})"
+__all__ = ["pretrain", "linear_probe", "recipe_hash", "main"]
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -187,7 +139,8 @@ def pretrain(
     ``[classes[0], classes[1])``; save the ViT's weights (no head) to ``out`` with a sidecar ``out + ".json"``.
 
     Args:
-        source: Training source (its test split measures the head's accuracy).
+        source: Training source (its test split measures the head's accuracy). Its class selection (the stored
+            labels it keeps, ``selected_classes``) is part of the recipe, as is the probe source's.
         out: Weights file to write.
         name: timm model name; ``model_kwargs`` its constructor arguments (``img_size``, ``patch_size``, ...,
             ``drop_path_rate``).
@@ -208,11 +161,13 @@ def pretrain(
         ``hash`` and ``cached`` (True when the training was skipped).
     """
     kwargs = dict(model_kwargs or {})
-    recipe = {"source": repr(source), "name": name, "model_kwargs": kwargs, "classes": list(classes or []),
+    recipe = {"source": repr(source), "source_classes": source.selected_classes, "name": name, "model_kwargs": kwargs,
+              "classes": list(classes or []),
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
               "crop_scale": list(crop_scale), "seed": seed, "warmup_epochs": warmup_epochs,
               "label_smoothing": label_smoothing, "mixup": mixup, "cutmix": cutmix, "jitter": jitter,
-              "precision": precision, "probe": repr(probe_source) if probe_source is not None else None}
+              "precision": precision, "probe": repr(probe_source) if probe_source is not None else None,
+              "probe_classes": probe_source.selected_classes if probe_source is not None else None}
     digest = recipe_hash(recipe)
     path, sidecar = Path(out), Path(f"{out}.json")
     if not force and path.is_file() and sidecar.is_file():
@@ -310,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic-seed", type=int, default=1, help="seed of SyntheticShapes")
     parser.add_argument("--classes", type=int, nargs=2, metavar=("LOW", "HIGH"), help="train on labels [LOW, HIGH)")
     parser.add_argument("--class-split", type=int, metavar="K",
-                        help="train on the first K classes of the seeded class permutation (SeededClassSplit)")
+                        help="train on the first K classes of the seeded class permutation "
+                             "(the source's classes: {seed: SPLIT_SEED, stop: K})")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the --class-split permutation")
     parser.add_argument("--probe", action="store_true", help="linear probe on the other classes of --class-split")
     parser.add_argument("--epochs", type=int, default=5)
@@ -328,20 +284,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--force", action="store_true", help="retrain even if OUT exists with the same recipe")
     args = parser.parse_args(argv)
-    if args.source == "npz":
-        if not args.npz:
-            parser.error("--source npz needs --npz PATH")
-        source: ArraySource = NpzSource(args.npz, decode_workers=args.decode_workers)
-    else:
-        source = SyntheticShapes(num_classes=args.synthetic_classes, seed=args.synthetic_seed)
+    if args.source == "npz" and not args.npz:
+        parser.error("--source npz needs --npz PATH")
     if args.probe and args.class_split is None:
         parser.error("--probe needs --class-split K (the probe uses the classes not pretrained on)")
+    if args.class_split is not None and args.classes:
+        parser.error("use --classes or --class-split, not both")
+    if args.class_split is not None and args.class_split < 1:
+        parser.error(f"--class-split K needs K >= 1, got {args.class_split}")
+
+    def build(classes: dict[str, int] | None) -> ArraySource:
+        if args.source == "npz":
+            return NpzSource(args.npz, decode_workers=args.decode_workers, classes=classes)
+        return SyntheticShapes(num_classes=args.synthetic_classes, seed=args.synthetic_seed, classes=classes)
+
     probe = None
-    if args.class_split is not None:
-        if args.classes:
-            parser.error("use --classes or --class-split, not both")
-        probe = SeededClassSplit(source, args.class_split, "rest", args.split_seed) if args.probe else None
-        source = SeededClassSplit(source, args.class_split, "first", args.split_seed)
+    if args.class_split is None:
+        source = build(None)
+    else:  # the sources' own seeded class selection: slices [0, K) and [K, C) of one permutation
+        source = build({"seed": args.split_seed, "stop": args.class_split})
+        total = len(source.all_class_names)
+        if args.class_split >= total:
+            parser.error(f"--class-split K must be below the source's {total} classes (the rest are held out), "
+                         f"got {args.class_split}")
+        if args.probe:
+            probe = build({"seed": args.split_seed, "start": args.class_split})
     pretrain(source, args.out, args.name, args.model_kwargs, tuple(args.classes) if args.classes else None,
              args.epochs, args.batch_size, args.lr, args.weight_decay, tuple(args.crop_scale), args.seed, args.device,
              args.warmup_epochs, args.label_smoothing, args.mixup, args.cutmix, args.jitter, args.precision, probe,

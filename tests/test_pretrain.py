@@ -1,5 +1,6 @@
 """`cdl pretrain`: seeded (same seed -> bitwise the same weights on CPU, through the real entry point), cached by
-recipe hash, with the full recipe (mixup/CutMix, smoothing, jitter), the seeded class split and the linear probe."""
+recipe hash, with the full recipe (mixup/CutMix, smoothing, jitter), the seeded class split (the sources' own
+``classes: {seed, stop}`` / ``{seed, start}`` selection) and the linear probe."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 
 from cdl_lightning.cli import main
 from cdl_lightning.data import SyntheticShapes
-from cdl_lightning.pretrain import SeededClassSplit
 
 KWARGS = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1}'
 RECIPE = ["--synthetic-classes", "8", "--classes", "4", "8", "--epochs", "2", "--batch-size", "32", "--model-kwargs",
@@ -48,20 +48,52 @@ def test_same_seed_same_weights_and_cache(tmp_path, capsys):
     assert (tmp_path / "a.pth").stat().st_mtime_ns != stamp
 
 
-def test_seeded_class_split_partitions_the_classes():
-    source = SyntheticShapes(num_classes=10, train_per_class=3, test_per_class=2, seed=0)
-    first, rest = SeededClassSplit(source, 4, "first"), SeededClassSplit(source, 4, "rest")
-    order = np.random.default_rng(0).permutation(10)
-    assert list(first.classes) == list(order[:4]) and list(rest.classes) == list(order[4:])
-    assert first.num_classes == 4 and rest.num_classes == 6
-    assert first.class_names == [source.class_names[c] for c in order[:4]]
-    images, labels = rest.arrays("train")
-    full_images, full_labels = source.arrays("train")
-    for position, original in enumerate(order[4:]):  # label k of the part is class order[4 + k] of the source
-        assert np.array_equal(images[labels == position], full_images[full_labels == original])
-    assert np.array_equal(rest.labels("test"), rest.arrays("test")[1])
-    with pytest.raises(ValueError, match="first must be in"):
-        SeededClassSplit(source, 10)
+def test_class_split_builds_complementary_source_selections(tmp_path, monkeypatch):
+    """``--class-split 4 --split-seed 3`` pretrains on ``classes={seed: 3, stop: 4}`` and probes on
+    ``{seed: 3, start: 4}``: a partition of the classes, each part in permutation order, with the full source's
+    images; ``--decode-workers`` reaches an npz source."""
+    import cdl_lightning.pretrain as module
+
+    built = {}
+
+    def fake_pretrain(source, out, *args):
+        built["source"], built["probe"] = source, args[-2]
+
+    monkeypatch.setattr(module, "pretrain", fake_pretrain)
+    main(["pretrain", "--out", str(tmp_path / "w.pth"), "--synthetic-classes", "10", "--class-split", "4",
+          "--split-seed", "3", "--probe"])
+    first, rest = built["source"], built["probe"]
+    order = np.random.default_rng(3).permutation(10).tolist()
+    assert isinstance(first, SyntheticShapes) and first.classes == {"seed": 3, "stop": 4}
+    assert rest.classes == {"seed": 3, "start": 4}
+    assert first.selected_classes == order[:4] and rest.selected_classes == order[4:]
+    assert sorted(first.selected_classes + rest.selected_classes) == list(range(10))
+    full = SyntheticShapes(num_classes=10, seed=1)  # --synthetic-seed defaults to 1
+    assert first.class_names == [full.class_names[c] for c in order[:4]]
+    for part, originals in ((first, order[:4]), (rest, order[4:])):
+        for split in ("train", "test"):
+            images, labels = part.arrays(split)
+            full_images, full_labels = full.arrays(split)
+            assert sorted(set(labels.tolist())) == list(range(len(originals)))
+            for position, original in enumerate(originals):  # label k of a part is class originals[k] of the source
+                assert np.array_equal(images[labels == position], full_images[full_labels == original])
+            assert np.array_equal(part.labels(split), labels)
+    # npz: the same selection, and --decode-workers passes through
+    names = np.array([f"c{c}" for c in range(10)])
+    labels = np.repeat(np.arange(10), 2)
+    np.savez(tmp_path / "p.npz", names=names, train_images=np.zeros((20, 8, 8, 3), np.uint8), train_labels=labels,
+             test_images=np.zeros((20, 8, 8, 3), np.uint8), test_labels=labels)
+    main(["pretrain", "--out", str(tmp_path / "w.pth"), "--source", "npz", "--npz", str(tmp_path / "p.npz"),
+          "--decode-workers", "2", "--class-split", "4", "--split-seed", "3", "--probe"])
+    first, rest = built["source"], built["probe"]
+    assert first.decode_workers == 2 and rest.decode_workers == 2
+    assert first.class_names == [f"c{c}" for c in order[:4]] and rest.class_names == [f"c{c}" for c in order[4:]]
+    # without --probe there is no probe source; K must leave classes to hold out
+    main(["pretrain", "--out", str(tmp_path / "w.pth"), "--synthetic-classes", "10", "--class-split", "4"])
+    assert built["probe"] is None and built["source"].num_classes == 4
+    for bad in ("10", "0"):
+        with pytest.raises(SystemExit):
+            main(["pretrain", "--out", str(tmp_path / "w.pth"), "--synthetic-classes", "10", "--class-split", bad])
 
 
 def test_class_split_with_probe(tmp_path):
@@ -71,7 +103,11 @@ def test_class_split_with_probe(tmp_path):
     result = json.loads(out.with_name("w.pth.json").read_text())["result"]
     # the synthetic shapes are easy: the probe on the 5 held-out classes beats chance (20 %) clearly
     assert result["probe_acc"] > 40.0
-    assert "SeededClassSplit" in json.loads(out.with_name("w.pth.json").read_text())["recipe"]["source"]
+    recipe = json.loads(out.with_name("w.pth.json").read_text())["recipe"]
+    order = np.random.default_rng(0).permutation(10).tolist()  # --split-seed defaults to 0
+    assert recipe["source_classes"] == order[:5] and recipe["probe_classes"] == order[5:]
+    assert recipe["source"].startswith("SyntheticShapes(") and "kept 5 of 10 classes" in recipe["source"]
+    assert recipe["probe"].startswith("SyntheticShapes(") and "kept 5 of 10 classes" in recipe["probe"]
 
 
 def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
