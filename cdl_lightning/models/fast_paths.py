@@ -60,9 +60,11 @@ class FastPaths:
 
     def training_pass(self, vit: nn.Module, on_cuda: bool) -> GraphedTrainingPass | None:
         """The graphed forward+backward of the prompted ``vit`` for a training step on CUDA under autocast (mixed
-        precision), else ``None`` (eager). In fp32 the graphed backward accumulated the prompt gradients in another
-        order than eager autograd (learned keys off by up to 9e-10 after 4 steps of a ViT-B -> ViT-S KDP student on an
-        H200, `tests/gpu`), so fp32 steps run this pass eagerly and stay bitwise equal to the plain run."""
+        precision), else ``None`` (eager). Under ``bf16-mixed`` the fast paths are bitwise equal to the plain run
+        (`tests/gpu`, H200). In fp32 they are not: after 4 steps of a ViT-B -> ViT-S KDP student on an H200 the
+        learned prompt keys differed by up to 9e-10 with this pass graphed and the components by up to 3e-11 with it
+        eager (losses bitwise equal; the remaining cause, in the gradient-free graphs, is not established). fp32 steps
+        are GPU-bound, so they run this pass eagerly, the smaller deviation."""
         if not (on_cuda and self.uses_cuda_graphs and torch.is_autocast_enabled("cuda")):
             return None
         if "train" not in self.runners:
