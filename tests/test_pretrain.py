@@ -131,11 +131,15 @@ def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
     Path("runs/proxy/backbones").mkdir(parents=True)
     student = create_vit("vit_tiny_patch16_224", model_kwargs={"img_size": 32, "patch_size": 8})
     torch.save(student.state_dict(), "runs/proxy/backbones/student.pth")
+    teacher = create_vit("vit_small_patch16_224", model_kwargs={"img_size": 32, "patch_size": 4})
+    torch.save(teacher.state_dict(), "runs/proxy/backbones/teacher.pth")
+    order = np.random.default_rng(0).permutation(202)
     for learner in ("coda", "dualprompt", "l2p"):
-        cli = cli_main(expand_config_args(["--config", str(root / "configs" / "proxy" / learner / "student.yaml"),
-                                           "--trainer.logger", "false", "--trainer.accelerator", "cpu"]), run=False)
-        data = cli.datamodule
-        order = np.random.default_rng(0).permutation(202)
-        assert data.num_classes == 100 and data.task_sizes == [10] * 10
-        assert data.class_names == [f"n{c:03d}" for c in order[102:]]
-        assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": 8}
+        for role, patch in (("student", 8), ("teacher", 4)):
+            config = str(root / "configs" / "proxy" / learner / f"{role}.yaml")
+            cli = cli_main(expand_config_args(["--config", config, "--trainer.logger", "false",
+                                               "--trainer.accelerator", "cpu"]), run=False)
+            data = cli.datamodule
+            assert data.num_classes == 100 and data.task_sizes == [10] * 10
+            assert data.class_names == [f"n{c:03d}" for c in order[102:]]
+            assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": patch}

@@ -162,5 +162,5 @@ def test_shipped_sweep_files_plan_the_paper_grid(monkeypatch):
     runs = plan(spec)
     assert len(runs) == len(spec["learners"]) * len(spec["seeds"]) * (1 + len(spec["methods"]))
     assert {r.method for r in runs} == {"teacher", "none", "kd", "dkd", "fitnets", "reviewkd", "deit", "kdp"}
-    for name in ("configs/sweeps/imagenet_r.yaml", "configs/proxy/sweep.yaml"):
+    for name in ("configs/sweeps/imagenet_r.yaml", "configs/proxy/sweep.yaml", "configs/proxy/sweep_coda_seed0.yaml"):
         assert len(plan(load_sweep(name))) > 0
