@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark subprocess run (about 14 s)
 def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}

@@ -125,6 +125,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path,
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow  # kill -9 and resume of cdl fit subprocesses (about 18 s)
 @pytest.mark.parametrize("every", ["epoch", "step"])
 def test_kill_9_mid_task_loses_at_most_that_epoch(tmp_path, uninterrupted, every):
     # stall at the end of the second batch of epoch 4 (task 2, epoch 2 of 3; global step 14), then SIGKILL

@@ -40,6 +40,8 @@ LEARNERS = {
 }
 CLASS_NAMES = ["disk_0", "square_0", "ring_0", "plus_0", "triangle_0", "bars_0"]
 
+pytestmark = pytest.mark.slow  # trains four runs through cdl fit and exports each (about 50 s on 2 cores)
+
 
 def fit(save_dir: Path, name: str, model: dict[str, object]) -> Path:
     """``cdl fit``: 2 tasks x 3 synthetic classes, one epoch per task, two batches per epoch; returns the run folder."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 
 from cdl_lightning.cli import cli_main
@@ -43,6 +44,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two torchrun processes (about 12 s)
 def test_two_nodes_through_torchrun_evaluate_like_one_process(tmp_path):
     fit_dir = tmp_path / "two_nodes"
     args = ["fit", *as_args({**_options(fit_dir), "--trainer.num_nodes": 2, "--trainer.devices": 1,

@@ -62,6 +62,7 @@ def _sweep_file(tmp_path: Path, learners: list[str], methods: list[str], seeds: 
     return path
 
 
+@pytest.mark.slow  # 12 cdl fit subprocesses, then a rerun (about 110 s on 2 cores)
 def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     sweep = _sweep_file(tmp_path, ["coda", "l2p"], ["none", "kd"], [0, 1])
@@ -118,6 +119,7 @@ class KillSweepOnce(Callback):
 '''
 
 
+@pytest.mark.slow  # a sweep killed and resumed (about 40 s)
 def test_killed_sweep_resumes_from_last_checkpoint(tmp_path):
     sweep = _sweep_file(tmp_path, ["coda"], ["none"], [0])
     spec = yaml.safe_load(sweep.read_text())
