@@ -188,3 +188,11 @@ def test_divergence_check_reads_its_flags_every_n_steps(tmp_path):
     assert "non-finite squared output first at step 3" in message
     assert "non-finite trainable parameters (layer.weight, layer.bias)" in message
     assert trainer.global_step == 4
+
+
+def test_epoch_end_saving_cannot_be_switched_off_silently():
+    from cdl_lightning.callbacks.checkpoint import RunCheckpoint
+
+    with pytest.raises(ValueError, match="save_on_train_epoch_end=false is not supported"):
+        RunCheckpoint(save_on_train_epoch_end=False)
+    assert RunCheckpoint(save_on_train_epoch_end=True).epoch_interval == 1  # the behaviour it always has: accepted

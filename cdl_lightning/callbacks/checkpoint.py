@@ -51,6 +51,10 @@ class RunCheckpoint(ModelCheckpoint):
     ) -> None:
         if every_n_epochs < 0:
             raise ValueError(f"checkpoint.every_n_epochs must be >= 0, got {every_n_epochs}")
+        if kwargs.pop("save_on_train_epoch_end", None) is False:
+            raise ValueError("checkpoint.save_on_train_epoch_end=false is not supported: RunCheckpoint saves at the "
+                             "end of each training epoch, after its validation; set checkpoint.every_n_epochs "
+                             "(0 = never) or checkpoint.every_n_train_steps instead")
         steps = every_n_train_steps or 0
         super().__init__(
             dirpath=dirpath,
