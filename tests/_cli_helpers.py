@@ -30,3 +30,49 @@ def cpu_run_options(save_dir: Path, name: str) -> dict[str, object]:
 def as_args(options: dict[str, object]) -> list[str]:
     """``{"--key": value}`` (in order) as a ``cli_main`` argument list."""
     return [part for key, value in options.items() for part in (key, str(value))]
+
+
+def small_coda_fit_args(save_dir: Path, *extra: str) -> list[str]:
+    """``cdl fit`` of a small CODA-Prompt learner on 6 synthetic classes: 3 tasks x 2 epochs of 4 batches of 6, logged
+    to ``save_dir/run``; ``extra`` options follow (e.g. ``--data.device_data true``, ``--ckpt_path ...``)."""
+    return ["fit", *as_args({
+        **cpu_run_options(save_dir, "run"),
+        "--trainer.limit_train_batches": 4,
+        "--trainer.enable_model_summary": "false",
+        "--data.source.num_classes": 6,
+        "--data.source.train_per_class": 12,
+        "--data.source.test_per_class": 5,
+        "--data.num_tasks": 3,
+        "--data.epochs_per_task": 2,
+        "--data.batch_size": 6,
+        "--data.image_size": 32,
+        "--model": "cdl_lightning.models.PromptLearner",
+        "--model.backbone": TINY_BACKBONE,
+        "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
+        "--model.prompt.pool_size": 12,
+        "--model.prompt.layers": "[0, 1]",
+        "--evaluation.print_table": "false",
+        "--evaluation.log_image": "false",
+    }), *extra]
+
+
+def run_matrix(save_dir: Path) -> list:
+    """The accuracy matrix in ``save_dir/run/metrics.json`` (``None`` for empty cells)."""
+    return json.loads((save_dir / "run" / "metrics.json").read_text())["accuracy_matrix"]
+
+
+def two_task_run_options(save_dir: Path, name: str) -> dict[str, object]:
+    """`cpu_run_options` of a quick run: 6 synthetic classes in 2 tasks, one epoch per task of two batches of 4
+    (8 train / 4 test images per class), 32 px, no table printed; add the model options."""
+    return {
+        **cpu_run_options(save_dir, name),
+        "--trainer.limit_train_batches": 2,
+        "--data.source.num_classes": 6,
+        "--data.source.train_per_class": 8,
+        "--data.source.test_per_class": 4,
+        "--data.num_tasks": 2,
+        "--data.epochs_per_task": 1,
+        "--data.batch_size": 4,
+        "--data.image_size": 32,
+        "--evaluation.print_table": "false",
+    }

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
+from _cli_helpers import run_matrix, small_coda_fit_args
 
 from cdl_lightning.cli import cli_main
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
@@ -64,38 +63,15 @@ def test_evaluation_batches_equal_the_dataloader():
 
 
 def _args(save_dir: Path, device_data: bool, *extra: str) -> list[str]:
-    return ["fit", *as_args({
-        **cpu_run_options(save_dir, "run"),
-        "--trainer.limit_train_batches": 4,
-        "--trainer.enable_model_summary": "false",
-        "--data.source.num_classes": 6,
-        "--data.source.train_per_class": 12,
-        "--data.source.test_per_class": 5,
-        "--data.num_tasks": 3,
-        "--data.epochs_per_task": 2,
-        "--data.batch_size": 6,
-        "--data.image_size": 32,
-        "--data.device_data": str(device_data).lower(),
-        "--model": "cdl_lightning.models.PromptLearner",
-        "--model.backbone": TINY_BACKBONE,
-        "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
-        "--model.prompt.pool_size": 12,
-        "--model.prompt.layers": "[0, 1]",
-        "--evaluation.print_table": "false",
-        "--evaluation.log_image": "false",
-    }), *extra]
-
-
-def _matrix(save_dir: Path) -> list:
-    return json.loads((save_dir / "run" / "metrics.json").read_text())["accuracy_matrix"]
+    return small_coda_fit_args(save_dir, "--data.device_data", str(device_data).lower(), *extra)
 
 
 def test_cli_device_data_gives_the_same_run_and_resumes_exactly(tmp_path):
     host, device = tmp_path / "host", tmp_path / "device"
     cli_main(_args(host, False))
     cli_main(_args(device, True))
-    assert _matrix(device) == _matrix(host)
-    assert all(v is not None for v in _matrix(host)[2])
+    assert run_matrix(device) == run_matrix(host)
+    assert all(v is not None for v in run_matrix(host)[2])
     state = {k: torch.load(d / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
              for k, d in (("host", host), ("device", device))}
     assert state["host"].keys() == state["device"].keys()
@@ -107,4 +83,4 @@ def test_cli_device_data_gives_the_same_run_and_resumes_exactly(tmp_path):
     checkpoint = part / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 10
     cli_main(_args(part, True, "--ckpt_path", str(checkpoint)))
-    assert _matrix(part) == _matrix(host)
+    assert run_matrix(part) == run_matrix(host)

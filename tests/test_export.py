@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
+from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options
 
 from cdl_lightning.cli import main
 from cdl_lightning.export import ONNX_OPSET, export, load_exported
@@ -45,19 +45,7 @@ pytestmark = pytest.mark.slow  # trains four runs through cdl fit and exports ea
 
 def fit(save_dir: Path, name: str, model: dict[str, object]) -> Path:
     """``cdl fit``: 2 tasks x 3 synthetic classes, one epoch per task, two batches per epoch; returns the run folder."""
-    main(["fit", *as_args({
-        **cpu_run_options(save_dir, name),
-        "--trainer.limit_train_batches": 2,
-        "--data.source.num_classes": 6,
-        "--data.source.train_per_class": 8,
-        "--data.source.test_per_class": 4,
-        "--data.num_tasks": 2,
-        "--data.epochs_per_task": 1,
-        "--data.batch_size": 4,
-        "--data.image_size": 32,
-        "--evaluation.print_table": "false",
-        **model,
-    })])
+    main(["fit", *as_args({**two_task_run_options(save_dir, name), **model})])
     return save_dir / name
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
+from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options
 from PIL import Image
 
 from cdl_lightning.cli import cli_main
@@ -24,20 +24,12 @@ from cdl_lightning.nn.prompts import L2P
 
 def common(save_dir) -> list[str]:
     return as_args({
-        **cpu_run_options(save_dir, "student"),
-        "--trainer.limit_train_batches": 2,
-        "--data.source.num_classes": 6,
-        "--data.source.train_per_class": 8,
-        "--data.source.test_per_class": 4,
-        "--data.num_tasks": 2,
-        "--data.batch_size": 4,
-        "--data.image_size": 32,
+        **two_task_run_options(save_dir, "student"),
         "--model": "cdl_lightning.models.Distiller",
         "--model.backbone": TINY_BACKBONE,
         "--model.prompt": "cdl_lightning.nn.prompts.L2P",
         "--model.prompt.pool_size": 6,
         "--model.prompt.top_k": 2,
-        "--evaluation.print_table": "false",
     })
 
 
@@ -98,19 +90,7 @@ TEACHER_BACKBONE = json.dumps({
 
 def run_args(save_dir: Path, name: str, model: dict[str, object]) -> list[str]:
     """A 2-task, 1-epoch-per-task CPU run on 6 synthetic classes with the given model options."""
-    return as_args({
-        **cpu_run_options(save_dir, name),
-        "--trainer.limit_train_batches": 2,
-        "--data.source.num_classes": 6,
-        "--data.source.train_per_class": 8,
-        "--data.source.test_per_class": 4,
-        "--data.num_tasks": 2,
-        "--data.epochs_per_task": 1,
-        "--data.batch_size": 4,
-        "--data.image_size": 32,
-        "--evaluation.print_table": "false",
-        **model,
-    })
+    return as_args({**two_task_run_options(save_dir, name), **model})
 
 
 TEACHER = {

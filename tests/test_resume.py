@@ -4,38 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
+from _cli_helpers import run_matrix as matrix
+from _cli_helpers import small_coda_fit_args as args_for
 
 from cdl_lightning.cli import cli_main
-
-
-def args_for(save_dir: Path, *extra: str) -> list[str]:
-    return ["fit", *as_args({
-        **cpu_run_options(save_dir, "run"),
-        "--trainer.limit_train_batches": 4,
-        "--trainer.enable_model_summary": "false",
-        "--data.source.num_classes": 6,
-        "--data.source.train_per_class": 12,
-        "--data.source.test_per_class": 5,
-        "--data.num_tasks": 3,
-        "--data.epochs_per_task": 2,
-        "--data.batch_size": 6,
-        "--data.image_size": 32,
-        "--model": "cdl_lightning.models.PromptLearner",
-        "--model.backbone": TINY_BACKBONE,
-        "--model.prompt": "cdl_lightning.nn.prompts.CodaPrompt",
-        "--model.prompt.pool_size": 12,
-        "--model.prompt.layers": "[0, 1]",
-        "--evaluation.print_table": "false",
-        "--evaluation.log_image": "false",
-    }), *extra]
-
-
-def matrix(save_dir: Path) -> list:
-    return json.loads((save_dir / "run" / "metrics.json").read_text())["accuracy_matrix"]
 
 
 def test_resume_mid_task_gives_the_same_matrix(tmp_path):

@@ -25,7 +25,6 @@ from cdl_lightning.data.splits import (
     remap_labels,
     resolve_class_order,
     task_of_labels,
-    task_offsets,
     task_sample_indices,
 )
 from cdl_lightning.data.splits import task_sizes as split_task_sizes
@@ -129,7 +128,6 @@ class ContinualDataModule(LightningDataModule):
         self.num_tasks = num_tasks
         self.first_task_classes = first_task_classes
         self.task_sizes = split_task_sizes(self.num_classes, num_tasks, first_task_classes)
-        self.task_offsets = task_offsets(self.task_sizes)
         self.class_order_mode = class_order if isinstance(class_order, str) else "explicit"
         self.class_order = resolve_class_order(
             self.num_classes, class_order, seed, self.source.class_names, getattr(self.source, "class_ids", None)
@@ -139,6 +137,7 @@ class ContinualDataModule(LightningDataModule):
         self.epochs_per_task = epochs_per_task
         self.task_schedule = TaskSchedule(self.task_sizes, epochs_per_task, self.class_order, self.class_names)
         """The task sequence (sizes, class order and names, epochs per task) that the CLI links into the model."""
+        self.task_offsets = list(self.task_schedule.offsets[:-1])  # first label of each task (the schedule's)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         if num_workers is None:  # auto: file sources decode on the CPU, in-memory sources need no worker
@@ -352,13 +351,11 @@ class ContinualDataModule(LightningDataModule):
         train, test = self.targets("train"), self.targets("test")
         task_train, task_test = task_of_labels(train, self.task_sizes), task_of_labels(test, self.task_sizes)
         for t in range(self.num_tasks):
-            names = [
-                n.split(",")[0]
-                for n in self.class_names[self.task_offsets[t] : self.task_offsets[t] + self.task_sizes[t]]
-            ]
+            start, stop = self.task_schedule.task_range(t)
+            names = [n.split(",")[0] for n in self.class_names[start:stop]]
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             lines.append(
-                f"  task {t}: classes [{self.task_offsets[t]}, {self.task_offsets[t] + self.task_sizes[t]}) "
+                f"  task {t}: classes [{start}, {stop}) "
                 f"train {int((task_train == t).sum())} test {int((task_test == t).sum())}  ({shown})"
             )
         return "\n".join(lines)
