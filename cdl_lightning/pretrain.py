@@ -134,6 +134,7 @@ def pretrain(
     precision: Literal["32", "bf16"] = "32",
     probe_source: ArraySource | None = None,
     force: bool = False,
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
 ) -> dict[str, Any]:
     """Train ``name`` (+ a temporary linear head) on ``source``'s train split, restricted to labels in
     ``[classes[0], classes[1])``; save the ViT's weights (no head) to ``out`` with a sidecar ``out + ".json"``.
@@ -155,6 +156,9 @@ def pretrain(
         precision: ``"bf16"`` autocasts the forward passes on CUDA.
         probe_source: Held-out classes for a linear probe on the frozen features (``None``: no probe).
         force: Retrain even when ``out`` exists with the same recipe.
+        save_dtype: dtype of the saved weights. ``"float16"`` halves the file (a ViT-Ti: 11 MB instead of 22 MB) at a
+            relative rounding error of at most 2**-11 per weight; the training itself always runs on float32 master
+            weights. Loading casts back to the model's dtype. Part of the recipe (another dtype is another file).
 
     Returns:
         ``train_acc`` / ``test_acc`` of the head on the training classes, ``probe_acc`` (or ``None``), ``seconds``,
@@ -168,6 +172,10 @@ def pretrain(
               "label_smoothing": label_smoothing, "mixup": mixup, "cutmix": cutmix, "jitter": jitter,
               "precision": precision, "probe": repr(probe_source) if probe_source is not None else None,
               "probe_classes": probe_source.selected_classes if probe_source is not None else None}
+    if save_dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"save_dtype must be float32, float16 or bfloat16, got {save_dtype!r}")
+    if save_dtype != "float32":  # (absent for float32, so the hashes of earlier float32 recipes stay valid)
+        recipe["save_dtype"] = save_dtype
     digest = recipe_hash(recipe)
     path, sidecar = Path(out), Path(f"{out}.json")
     if not force and path.is_file() and sidecar.is_file():
@@ -243,7 +251,9 @@ def pretrain(
             _features(vit, ptrain_x, mean, std, device_, autocast), torch.from_numpy(ptrain_y).to(device_),
             _features(vit, ptest_x, mean, std, device_, autocast), torch.from_numpy(ptest_y).to(device_))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in vit.state_dict().items()}, path)
+    dtype = getattr(torch, save_dtype)
+    torch.save({k: v.cpu().to(dtype) if v.is_floating_point() else v.cpu() for k, v in vit.state_dict().items()},
+               path)
     sidecar.write_text(json.dumps({"hash": digest, "recipe": recipe, "result": result}, indent=1))
     probe = f", linear probe on the held-out classes {result['probe_acc']:.1f} %" if probe_source is not None else ""
     print(f"saved {path} ({name}, {sum(p.numel() for p in vit.parameters()):,} parameters, {seconds:.0f} s); head "
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--force", action="store_true", help="retrain even if OUT exists with the same recipe")
+    parser.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="dtype of the saved weights (float16: half the file; training stays float32)")
     args = parser.parse_args(argv)
     if args.source == "npz" and not args.npz:
         parser.error("--source npz needs --npz PATH")
@@ -311,5 +323,5 @@ def main(argv: list[str] | None = None) -> None:
             probe = build({"seed": args.split_seed, "start": args.class_split})
     pretrain(source, args.out, args.name, args.model_kwargs, tuple(args.classes) if args.classes else None,
              args.epochs, args.batch_size, args.lr, args.weight_decay, tuple(args.crop_scale), args.seed, args.device,
-             args.warmup_epochs, args.label_smoothing, args.mixup, args.cutmix, args.jitter, args.precision, probe,
-             args.force)
+             args.warmup_epochs, args.label_smoothing, args.mixup, args.cutmix, args.jitter, args.precision,
+             probe_source=probe, force=args.force, save_dtype=args.save_dtype)

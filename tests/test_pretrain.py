@@ -56,8 +56,8 @@ def test_class_split_builds_complementary_source_selections(tmp_path, monkeypatc
 
     built = {}
 
-    def fake_pretrain(source, out, *args):
-        built["source"], built["probe"] = source, args[-2]
+    def fake_pretrain(source, out, *args, probe_source, **kwargs):
+        built["source"], built["probe"] = source, probe_source
 
     monkeypatch.setattr(module, "pretrain", fake_pretrain)
     main(["pretrain", "--out", str(tmp_path / "w.pth"), "--synthetic-classes", "10", "--class-split", "4",
@@ -143,3 +143,22 @@ def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
             assert data.num_classes == 100 and data.task_sizes == [10] * 10
             assert data.class_names == [f"n{c:03d}" for c in order[102:]]
             assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": patch}
+
+
+def test_save_dtype_float16_rounds_the_same_weights_and_loads(tmp_path):
+    from cdl_lightning.nn.vit import create_vit
+
+    main(["pretrain", "--out", str(tmp_path / "full.pth"), *RECIPE])
+    main(["pretrain", "--out", str(tmp_path / "half.pth"), *RECIPE, "--save-dtype", "float16"])
+    full, half = _weights(tmp_path / "full.pth"), _weights(tmp_path / "half.pth")
+    assert {v.dtype for v in half.values()} == {torch.float16}
+    # the same training (float32 master weights), only the saved copy is rounded
+    assert all(torch.equal(half[k], full[k].half()) for k in full)
+    sidecars = [json.loads((tmp_path / f"{n}.pth.json").read_text()) for n in ("full", "half")]
+    assert "save_dtype" not in sidecars[0]["recipe"] and sidecars[1]["recipe"]["save_dtype"] == "float16"
+    assert sidecars[0]["hash"] != sidecars[1]["hash"]
+    vit = create_vit("vit_tiny_patch16_224", pretrained=False, checkpoint_path=str(tmp_path / "half.pth"),
+                     model_kwargs=json.loads(KWARGS))
+    state = vit.state_dict()
+    assert state["blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], full["blocks.0.attn.qkv.weight"].half().float())
