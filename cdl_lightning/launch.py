@@ -235,6 +235,7 @@ class _Watch(threading.Thread):
     def __init__(self, processes: list[subprocess.Popen]) -> None:
         super().__init__(name="cdl-rank-watch", daemon=True)
         self.processes, self.failed = processes, None
+        self.interrupted = False  # rank 0 got SIGINT (Ctrl+C reaches every rank): the others' exit is no failure
         self._done = threading.Event()
         self._main = threading.main_thread().ident
 
@@ -251,7 +252,7 @@ class _Watch(threading.Thread):
         print(f"cdl: local rank {rank} (pid {process.pid}) exited with status {code}; stopping the run",
               file=sys.stderr, flush=True)
         _stop([other for other in self.processes if other is not process])
-        if self._done.is_set():
+        if self._done.is_set() or self.interrupted:
             return
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._main), ctypes.py_object(LocalRankFailed))
         if not self._done.wait(_GRACE_S):  # rank 0 is stuck in a collective that will not return
@@ -260,6 +261,25 @@ class _Watch(threading.Thread):
 
     def stop(self) -> None:
         self._done.set()
+
+
+def _note_interrupts(watch: _Watch) -> Any:
+    """Note rank 0's SIGINT in ``watch``, then handle it as before; returns the handler to restore (``None`` off the
+    main thread, where handlers cannot be set)."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        watch.interrupted = True
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+    return previous
 
 
 @contextlib.contextmanager
@@ -285,6 +305,7 @@ def local_ranks(argv: list[str]) -> Iterator[int]:
     ]
     watch = _Watch(processes)
     watch.start()
+    previous_handler = _note_interrupts(watch)
     finished = False
     try:
         yield count
@@ -296,6 +317,8 @@ def local_ranks(argv: list[str]) -> Iterator[int]:
         raise SystemExit(1) from None
     finally:
         watch.stop()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
         if finished:  # the ranks left the last collective with rank 0: they end within seconds
             with contextlib.suppress(subprocess.TimeoutExpired):
                 for process in processes:

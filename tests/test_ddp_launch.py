@@ -3,6 +3,7 @@ heavy imports) instead of inside ``trainer.fit``; the run equals a one-process r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,13 +46,14 @@ class StallAt(Callback):
             time.sleep(600)
 
 
-def _cdl(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen:
+def _cdl(args: list[str], tmp_path: Path, new_session: bool = False, **env: str) -> subprocess.Popen:
     """``cdl ARGS`` as the console script runs it (``cdl_lightning.launch:main``), in a subprocess."""
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     environment = {key: value for key, value in os.environ.items() if key not in launch.EXTERNAL}
     environment.update({"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CDL_STARTUP_LOG": str(tmp_path / "startup.log")})
     return subprocess.Popen([sys.executable, "-m", "cdl_lightning.launch", *args], cwd=tmp_path, text=True,
-                            env={**environment, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env={**environment, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=new_session)
 
 
 def _startup(tmp_path: Path) -> dict[tuple[str, int], float]:
@@ -193,18 +195,42 @@ def test_a_failing_rank_stops_the_run_with_a_nonzero_status(tmp_path):
     assert result["status"] == "failed" and result["filled_rows"] == [0]
 
 
+def _stalled(tmp_path: Path, new_session: bool = False) -> tuple[subprocess.Popen, int]:
+    """A 2-process ``cdl fit`` whose ranks both sleep at the end of step 6 (after task 0's evaluation at step 4);
+    returns rank 0's process and rank 1's pid."""
+    marker = tmp_path / "stalled"
+    drill = ("--trainer.callbacks+=test_ddp_launch.StallAt", "--trainer.callbacks.step=6",
+             f"--trainer.callbacks.marker={marker}")
+    process = _cdl(small_coda_fit_args(tmp_path, *DDP, *drill), tmp_path, new_session)
+    deadline = time.monotonic() + 200
+    while not all(Path(f"{marker}.{rank}").exists() for rank in (0, 1)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(process.communicate()[0][-3000:])
+        time.sleep(0.2)
+    return process, int(Path(f"{marker}.1").read_text())
+
+
+@pytest.mark.slow  # a 2-process cdl fit interrupted by Ctrl+C (about 12 s)
+def test_ctrl_c_stops_every_rank_and_the_run_says_interrupted(tmp_path):
+    process, child = _stalled(tmp_path, new_session=True)
+    try:
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl+C in a terminal does: every process of the group
+        output = _finish(process, timeout=60)
+        assert process.returncode == 1, output[-3000:]
+        assert not _alive(child)
+        result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert result["status"] == "interrupted" and result["filled_rows"] == [0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
 @pytest.mark.slow  # a 2-process cdl fit killed with SIGKILL (about 12 s)
 def test_the_other_ranks_die_with_rank_zero(tmp_path):
-    marker = tmp_path / "stalled"
-    drill = ("--trainer.callbacks+=test_ddp_launch.StallAt", "--trainer.callbacks.step=2",
-             f"--trainer.callbacks.marker={marker}")
-    process = _cdl(small_coda_fit_args(tmp_path, *DDP, *drill), tmp_path)
+    process, child = _stalled(tmp_path)
     try:
-        deadline = time.monotonic() + 200
-        while not all(Path(f"{marker}.{rank}").exists() for rank in (0, 1)):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-            time.sleep(0.2)
-        child = int(Path(f"{marker}.1").read_text())
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         deadline = time.monotonic() + 10
