@@ -1,7 +1,8 @@
 """End-to-end speed of a real ``cdl fit``: where the wall time of a run goes, phase by phase.
 
-Runs the real CLI (``cdl_lightning.cli.main``, in this process; under DDP Lightning re-launches this script once per
-extra rank) on an ``.npz`` pack, an image folder or the built-in synthetic data, with a timing callback added to the
+Runs the real CLI (``cdl_lightning.cli.main``, in this process; under DDP `cdl_lightning.launch` starts each extra
+rank as a plain ``cdl fit`` of the same options, without this script's timer) on an ``.npz`` pack, an image folder
+or the built-in synthetic data, with a timing callback added to the
 trainer. Rank 0 prints, per phase (the phases partition the wall time from process start to the end of ``fit``):
 
 * ``startup``: process start (from ``/proc``) to the first training batch: imports, config, model and data building,

@@ -35,6 +35,7 @@ from cdl_lightning.callbacks.progress import ThrottledRichProgressBar
 from cdl_lightning.callbacks.rng_state import RNGStateCallback
 from cdl_lightning.data import ContinualDataModule
 from cdl_lightning.errors import UserError
+from cdl_lightning.launch import is_started_rank, local_ranks, startup_mark
 from cdl_lightning.models import PromptLearner
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -112,6 +113,7 @@ class CDLCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """A fresh fit (no ``--ckpt_path``) into an existing run folder replaces its TensorBoard event files."""
+        startup_mark("fit")
         if self._get(self.config, "ckpt_path") is not None or not self.trainer.is_global_zero:
             return
         for logger in self.trainer.loggers:
@@ -315,8 +317,11 @@ def _rich_width() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``cdl`` console script: ``cdl fit|validate|test|predict --config FILE`` and the subcommands of
-    `SUBCOMMANDS`; ``cdl --help`` lists them all. User errors exit with status 2 and one short message."""
-    debug, argv = _debug(list(sys.argv[1:] if argv is None else argv))
+    `SUBCOMMANDS`; ``cdl --help`` lists them all. User errors exit with status 2 and one short message. A run on
+    several devices of this node starts its other ranks first (`cdl_lightning.launch`)."""
+    startup_mark("main")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = _debug(raw)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         if not argv:
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     subcommand, args = argv[0], argv
     try:
-        with _rich_width():
+        with _rich_width(), local_ranks(raw):
             if subcommand in SUBCOMMANDS:
                 importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv[1:])
                 return
@@ -339,8 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         code, message = _classify(error, args)
         if code is None:
             raise
-        print(f"cdl {subcommand}: error: {message}", file=sys.stderr)
-        print("  (cdl --debug ... or CDL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        if not is_started_rank():  # rank 0 prints it; the ranks started with it hit the same error
+            print(f"cdl {subcommand}: error: {message}", file=sys.stderr)
+            print("  (cdl --debug ... or CDL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
         cleanup_temp_configs()
