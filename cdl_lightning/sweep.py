@@ -35,6 +35,7 @@ from the runs on disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -69,6 +70,10 @@ class SweepRun:
         run_dir: Its log folder (``metrics.json``, ``checkpoints/last.ckpt``).
         args: ``cdl`` arguments (after ``cdl``), without any ``--ckpt_path``.
         depends_on: Run folder of the teacher a student needs finished first (``None`` for teachers).
+        diagonal: Mean of the diagonal ``R[t, t]`` (accuracy on a task right after training it), in %.
+        diagonal_vs_chance: Smallest ``R[t, t] / chance_t`` over the tasks, with ``chance_t = 100 / (classes seen
+            after task t)`` (class-incremental: a prediction picks among every class seen so far); ``NaN`` when
+            ``metrics.json`` has no ``task_sizes``.
     """
 
     learner: str
@@ -80,6 +85,8 @@ class SweepRun:
     status: str = "pending"
     avg_acc: float = math.nan
     forgetting: float = math.nan
+    diagonal: float = math.nan
+    diagonal_vs_chance: float = math.nan
     wall_s: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -182,10 +189,29 @@ def run_finished(run_dir: str) -> bool:
     return metrics.get("final", {}).get("task") == metrics.get("num_tasks", 0) - 1
 
 
+def diagonal_summary(metrics: dict[str, Any]) -> tuple[float, float]:
+    """``(mean diagonal in %, smallest diagonal / chance)`` of a finished run's ``metrics.json`` (see `SweepRun`)."""
+    matrix = metrics["accuracy_matrix"]
+    diagonal = [float(matrix[t][t]) for t in range(len(matrix))]
+    sizes = metrics.get("task_sizes")
+    ratio = math.nan
+    if sizes and len(sizes) == len(diagonal):
+        seen = [sum(sizes[: t + 1]) for t in range(len(sizes))]
+        ratio = min(value * classes / 100.0 for value, classes in zip(diagonal, seen))
+    return sum(diagonal) / len(diagonal), ratio
+
+
 def _read_result(run: SweepRun) -> None:
     if run_finished(run.run_dir):
-        final = load_metrics(run.run_dir)["final"]
+        metrics = load_metrics(run.run_dir)
+        final = metrics["final"]
         run.avg_acc, run.forgetting = float(final["avg_acc"]), float(final["forgetting"])
+        run.diagonal, run.diagonal_vs_chance = diagonal_summary(metrics)
+        if run.status == "pending":  # (--table-only: nothing ran in this process)
+            run.status = "done"
+    elif run.status == "pending" and (Path(run.run_dir) / "metrics.json").is_file():
+        with contextlib.suppress(Exception):
+            run.status = f"unfinished ({load_metrics(run.run_dir).get('status', 'partial')})"
     marker = Path(run.run_dir) / "sweep_run.json"
     if marker.is_file():
         run.wall_s = json.loads(marker.read_text()).get("wall_s", math.nan)
@@ -305,6 +331,9 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
             chosen = [r for r in runs if r.learner == learner and r.method == method and not math.isnan(r.avg_acc)]
             table[learner][method] = {"avg_acc": list(_mean_std([r.avg_acc for r in chosen])),
                                       "forgetting": list(_mean_std([r.forgetting for r in chosen])),
+                                      "diagonal": list(_mean_std([r.diagonal for r in chosen])),
+                                      "diagonal_vs_chance": min((r.diagonal_vs_chance for r in chosen),
+                                                                default=math.nan),
                                       "seeds": len(chosen)}
 
     def cell(entry: dict[str, Any], key: str) -> str:
@@ -319,6 +348,17 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
         lines += [f"| {learner} | " + " | ".join(cell(table[learner][m], key) for m in columns) + " |"
                   for learner in table]
         lines.append("")
+    lines += ["Mean diagonal accuracy (%, accuracy on each task right after learning it), mean ± std over seeds; in "
+              "brackets the smallest ratio of a diagonal entry to chance (100 / classes seen) over tasks and seeds", "",
+              "| learner | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for learner in table:
+        cells = []
+        for method in columns:
+            entry = table[learner][method]
+            ratio = entry["diagonal_vs_chance"]
+            cells.append(cell(entry, "diagonal") + ("" if math.isnan(ratio) else f" [{ratio:.1f}x]"))
+        lines.append(f"| {learner} | " + " | ".join(cells) + " |")
+    lines.append("")
     pairs = [(m, "none") for m in columns if m != "none" and "none" in columns]
     pairs += [("kdp", "kd")] if {"kdp", "kd"} <= set(columns) else []
     if pairs and len(spec["seeds"]) > 1:
@@ -336,7 +376,8 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
     markdown = "\n".join(lines)
     (out / "table.md").write_text(markdown)
     records = [{"learner": r.learner, "method": r.method, "seed": r.seed, "status": r.status, "avg_acc": r.avg_acc,
-                "forgetting": r.forgetting, "wall_s": r.wall_s, "run_dir": r.run_dir, "command": r.command}
+                "forgetting": r.forgetting, "diagonal": r.diagonal, "diagonal_vs_chance": r.diagonal_vs_chance,
+                "wall_s": r.wall_s, "run_dir": r.run_dir, "command": r.command}
                for r in runs]
     (out / "runs.json").write_text(json.dumps({"table": table, "runs": records}, indent=1))
     with open(out / "runs.csv", "w", newline="") as file:

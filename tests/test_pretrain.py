@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cdl_lightning.cli import main
 from cdl_lightning.data import SyntheticShapes
@@ -129,20 +130,26 @@ def test_proxy_configs_select_the_held_out_classes(tmp_path, monkeypatch):
     from cdl_lightning.nn.vit import create_vit
 
     Path("runs/proxy/backbones").mkdir(parents=True)
-    student = create_vit("vit_tiny_patch16_224", model_kwargs={"img_size": 32, "patch_size": 8})
-    torch.save(student.state_dict(), "runs/proxy/backbones/student.pth")
-    teacher = create_vit("vit_small_patch16_224", model_kwargs={"img_size": 32, "patch_size": 4})
-    torch.save(teacher.state_dict(), "runs/proxy/backbones/teacher.pth")
+    kwargs = {"student": {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 2},
+              "teacher": {"img_size": 32, "patch_size": 4}}
+    for role in ("student", "teacher"):
+        vit = create_vit("vit_tiny_patch16_224", model_kwargs=kwargs[role])
+        torch.save({k: v.half() for k, v in vit.state_dict().items()}, f"runs/proxy/backbones/{role}.pth")
+    # configs/proxy/sweep_packed.yaml reads the same classes from a pack of the 100 continual ones
+    main(["pack", str(tmp_path / "shared" / "data" / "tiny-imagenet-32.npz"), "runs/proxy/tiny-imagenet-proxy-cl.npz",
+          "--classes", "{seed: 0, start: 102}"])
+    packed = yaml.safe_load((root / "configs" / "proxy" / "sweep_packed.yaml").read_text())["overrides"]
     order = np.random.default_rng(0).permutation(202)
     for learner in ("coda", "dualprompt", "l2p"):
-        for role, patch in (("student", 8), ("teacher", 4)):
+        for role in ("student", "teacher"):
             config = str(root / "configs" / "proxy" / learner / f"{role}.yaml")
-            cli = cli_main(expand_config_args(["--config", config, "--trainer.logger", "false",
-                                               "--trainer.accelerator", "cpu"]), run=False)
-            data = cli.datamodule
-            assert data.num_classes == 100 and data.task_sizes == [10] * 10
-            assert data.class_names == [f"n{c:03d}" for c in order[102:]]
-            assert cli.model.hparams.backbone["model_kwargs"] == {"img_size": 32, "patch_size": patch}
+            for extra in ([], packed):
+                cli = cli_main(expand_config_args(["--config", config, "--trainer.logger", "false",
+                                                   "--trainer.accelerator", "cpu", *extra]), run=False)
+                data = cli.datamodule
+                assert data.num_classes == 100 and data.task_sizes == [10] * 10
+                assert data.class_names == [f"n{c:03d}" for c in order[102:]]
+                assert cli.model.hparams.backbone["model_kwargs"] == kwargs[role]
 
 
 def test_save_dtype_float16_rounds_the_same_weights_and_loads(tmp_path):

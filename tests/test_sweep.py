@@ -92,6 +92,14 @@ def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
     kd = next(r for r in runs if r["learner"] == "l2p" and r["method"] == "kd" and r["seed"] == 1)
     assert str(out / "l2p" / "seed1" / "teacher" / "checkpoints" / "last.ckpt") in kd["command"]
     assert "--seed_everything 1" in kd["command"] and kd["command"].startswith("cdl fit --config")
+    # the diagonal and its ratio to chance (100 / classes seen), from metrics.json's matrix and task sizes
+    metrics = json.loads((out / "coda" / "seed0" / "none" / "metrics.json").read_text())
+    assert metrics["task_sizes"] == [2, 2]
+    diagonal = [metrics["accuracy_matrix"][t][t] for t in range(2)]
+    none = next(r for r in runs if r["learner"] == "coda" and r["method"] == "none" and r["seed"] == 0)
+    assert none["diagonal"] == pytest.approx(sum(diagonal) / 2)
+    assert none["diagonal_vs_chance"] == pytest.approx(min(diagonal[0] * 2 / 100, diagonal[1] * 4 / 100))
+    assert "Mean diagonal accuracy" in (out / "table.md").read_text()
     csv_lines = (out / "runs.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 12 and csv_lines[0].startswith("learner,method,seed,status,avg_acc")
     # a rerun trains nothing: every run is skipped and no file of a run changes
@@ -102,6 +110,21 @@ def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.parent != out} == stamps
     rerun = json.loads((out / "runs.json").read_text())
     assert rerun["table"] == result["table"]
+    main(["sweep", str(sweep), "--table-only"])  # reads the finished runs from disk: done, same table
+    only = json.loads((out / "runs.json").read_text())
+    assert only["table"] == result["table"] and {r["status"] for r in only["runs"]} == {"done"}
+
+
+def test_diagonal_summary_against_chance():
+    """Mean diagonal and the smallest diagonal / chance ratio, chance = 100 / classes seen after each task."""
+    from cdl_lightning.sweep import diagonal_summary
+
+    nan = float("nan")
+    metrics = {"accuracy_matrix": [[60.0, nan, nan], [30.0, 40.0, nan], [20.0, 25.0, 12.0]], "task_sizes": [10, 5, 5]}
+    mean, ratio = diagonal_summary(metrics)
+    assert mean == pytest.approx((60 + 40 + 12) / 3)
+    assert ratio == pytest.approx(min(60 * 10, 40 * 15, 12 * 20) / 100)  # 6.0, 6.0, 2.4 -> 2.4
+    assert math.isnan(diagonal_summary({**metrics, "task_sizes": None})[1])  # older metrics.json: no ratio
 
 
 KILLER = '''

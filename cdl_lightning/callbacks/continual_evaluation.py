@@ -20,7 +20,7 @@ from typing_extensions import override
 from cdl_lightning.callbacks._accuracy_matrix import AccuracyMatrix
 from cdl_lightning.callbacks._accuracy_writer import AccuracyReportWriter
 from cdl_lightning.callbacks._step_outputs import OutputAdapter, StepOutputParser
-from cdl_lightning.callbacks.protocols import resolve_task_counts
+from cdl_lightning.callbacks.protocols import resolve_task_counts, resolve_task_sizes
 from cdl_lightning.metrics import MATRIX_METRICS, TaskAccuracy
 from cdl_lightning.progress import evaluated_epoch
 from cdl_lightning.tasks import task_of_epoch
@@ -129,6 +129,7 @@ class ContinualEvaluation(Callback):
         self._matrix: AccuracyMatrix | None = AccuracyMatrix(num_tasks) if num_tasks is not None else None
         self._metric: TaskAccuracy | None = None
         self._resolved_output_dir: str | None = None
+        self._task_sizes: list[int] | None = None
         self.run_status: str | None = None
         """Set when the fit stops on an exception: the exception's ``run_status`` (e.g. ``"diverged"``) or
         ``"failed"``; written to ``metrics.json`` as ``status`` (otherwise ``"complete"`` or ``"partial"``)."""
@@ -176,12 +177,14 @@ class ContinualEvaluation(Callback):
         Returns:
             ``num_tasks``, ``epochs_per_task``, ``filled_rows``, ``accuracy_matrix`` (nested lists), ``curves`` (one
             value per row for each `MATRIX_METRICS` key: ``avg_acc`` / ``forgetting`` / ``ref_forgetting`` /
-            ``bwt``) and ``final`` (``task``: last filled row, or ``None``, and each metric of that row),
+            ``bwt``), ``task_sizes`` (classes of each task when the data module or model has a task schedule, else
+            ``None``: with them a reader can put an entry next to chance) and ``final`` (``task``: last filled row, or ``None``, and each metric of that row),
             ``last_evaluation`` (:attr:`last_counts`: per-task sample counts of the last evaluation, to audit
             exactness), ``status`` (``"complete"`` when every row is filled, ``"partial"`` before, or why the fit
             stopped: ``"diverged"``, ``"failed"``, ``"interrupted"``).
         """
         summary = self._require_matrix().summary(self._epochs_per_task)
+        summary["task_sizes"] = self._task_sizes
         complete = len(summary["filled_rows"]) == summary["num_tasks"]
         summary["status"] = self.run_status or ("complete" if complete else "partial")
         return summary
@@ -202,6 +205,8 @@ class ContinualEvaluation(Callback):
         given = {"num_tasks": self._num_tasks_arg, "epochs_per_task": self._epochs_per_task_arg}
         counts = resolve_task_counts(given, getattr(trainer, "datamodule", None), pl_module)
         num_tasks, self._epochs_per_task = counts["num_tasks"], counts["epochs_per_task"]
+        sizes = resolve_task_sizes(getattr(trainer, "datamodule", None), pl_module)
+        self._task_sizes = sizes if sizes is not None and len(sizes) == num_tasks else None
         if self._matrix is not None and self._matrix.num_tasks != num_tasks:
             if any(self._matrix.filled):
                 raise ValueError(

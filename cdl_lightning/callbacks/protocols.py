@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["HasClassNames", "HasTaskSchedule", "TaskScheduleLike", "resolve_task_counts"]
+__all__ = ["HasClassNames", "HasTaskSchedule", "TaskScheduleLike", "resolve_task_counts", "resolve_task_sizes"]
 
 
 @runtime_checkable
@@ -74,3 +74,14 @@ def resolve_task_counts(given: dict[str, int | None], datamodule: Any, module: A
             )
         resolved[name] = int(value)
     return resolved
+
+
+def resolve_task_sizes(datamodule: Any, module: Any) -> list[int] | None:
+    """Classes of each task from the data module's, else the LightningModule's ``task_schedule.task_sizes``; ``None``
+    when neither states them (a plain Lightning project with only ``num_tasks``)."""
+    for owner in (datamodule, module):
+        if isinstance(owner, HasTaskSchedule):
+            sizes = getattr(owner.task_schedule, "task_sizes", None)
+            if sizes is not None:
+                return [int(size) for size in sizes]
+    return None

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole proxy study on one GPU, from the repository root: pretrain the two backbones (cached), pack the 100
+# continual classes, then the sweep (resumable: run again to continue). SEEDS picks a slice of the sweep file's
+# seeds (e.g. SEEDS=0 for seed 0 only; the full study is the default); RUNS_AT_ONCE runs that many at a time on GPU 0.
+#   bash configs/proxy/study.sh
+set -euo pipefail
+NPZ=${NPZ:-../shared/data/tiny-imagenet-32.npz}
+CDL=${CDL:-cdl}
+RUNS_AT_ONCE=${RUNS_AT_ONCE:-6}
+PACKED=runs/proxy/tiny-imagenet-proxy-cl.npz
+start=$(date +%s)
+NPZ=$NPZ CDL=$CDL bash configs/proxy/pretrain.sh
+echo "pretraining: $(( $(date +%s) - start )) s"
+[ -f "$PACKED" ] || $CDL pack "$NPZ" "$PACKED" --classes '{seed: 0, start: 102}'
+sweep=configs/proxy/sweep_packed.yaml
+if [ -n "${SEEDS:-}" ]; then  # a slice of the seeds: the same run folders
+    sweep=runs/proxy/sweep_seeds_${SEEDS//,/_}.yaml
+    sed "s/^seeds: .*/seeds: [$SEEDS]/" configs/proxy/sweep_packed.yaml > "$sweep"
+fi
+gpus=$(printf '0,%.0s' $(seq "$RUNS_AT_ONCE")); gpus=${gpus%,}
+start=$(date +%s)
+$CDL sweep "$sweep" --gpus "$gpus"
+echo "sweep: $(( $(date +%s) - start )) s"
