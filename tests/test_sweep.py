@@ -189,3 +189,12 @@ def test_shipped_sweep_files_plan_the_paper_grid(monkeypatch):
     assert {r.method for r in runs} == {"teacher", "none", "kd", "dkd", "fitnets", "reviewkd", "deit", "kdp"}
     for name in ("configs/sweeps/imagenet_r.yaml", "configs/proxy/sweep.yaml", "configs/proxy/sweep_coda_seed0.yaml"):
         assert len(plan(load_sweep(name))) > 0
+    # the packed proxy sweep: the same runs (folders, seeds, methods) as the full-pack one, plus the data override
+    full, packed = plan(load_sweep("configs/proxy/sweep.yaml")), plan(load_sweep("configs/proxy/sweep_packed.yaml"))
+    assert [r.run_dir for r in packed] == [r.run_dir for r in full] and len(full) == 3 * 3 * 8
+    override = ["--data.source.init_args.path", "runs/proxy/tiny-imagenet-proxy-cl.npz",
+                "--data.source.init_args.classes", "null"]
+    for a, b in zip(full, packed):
+        position = b.args.index(override[0])
+        assert b.args[position : position + 4] == override
+        assert b.args[:position] + b.args[position + 4 :] == a.args
