@@ -178,7 +178,8 @@ class ContinualEvaluation(Callback):
             ``num_tasks``, ``epochs_per_task``, ``filled_rows``, ``accuracy_matrix`` (nested lists), ``curves`` (one
             value per row for each `MATRIX_METRICS` key: ``avg_acc`` / ``forgetting`` / ``ref_forgetting`` /
             ``bwt``), ``task_sizes`` (classes of each task when the data module or model has a task schedule, else
-            ``None``: with them a reader can put an entry next to chance) and ``final`` (``task``: last filled row, or ``None``, and each metric of that row),
+            ``None``: with them a reader can put an entry next to chance) and ``final`` (``task``: last filled row,
+            or ``None``, and each metric of that row),
             ``last_evaluation`` (:attr:`last_counts`: per-task sample counts of the last evaluation, to audit
             exactness), ``status`` (``"complete"`` when every row is filled, ``"partial"`` before, or why the fit
             stopped: ``"diverged"``, ``"failed"``, ``"interrupted"``).
