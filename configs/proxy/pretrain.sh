@@ -14,9 +14,14 @@ CDL=${CDL:-cdl}
 COMMON=(--source npz --npz "$NPZ" --decode-workers 4 --class-split 102 --split-seed 0 --probe --precision bf16
         --batch-size 256 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 3 --label-smoothing 0.1 --jitter 0.3
         --save-dtype float16 ${PRETRAIN_EXTRA:-})
+pids=()
 $CDL pretrain --out runs/proxy/backbones/teacher.pth --name vit_tiny_patch16_224 "${COMMON[@]}" \
     --epochs "$TEACHER_EPOCHS" --model-kwargs '{"img_size": 32, "patch_size": 4, "drop_path_rate": 0.1}' &
+pids+=($!)
 $CDL pretrain --out runs/proxy/backbones/student.pth --name vit_tiny_patch16_224 "${COMMON[@]}" \
     --epochs "$STUDENT_EPOCHS" \
     --model-kwargs '{"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 2, "drop_path_rate": 0.05}' &
-wait -n && wait -n
+pids+=($!)
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done  # both finish (or fail) before this script returns
+exit $status
