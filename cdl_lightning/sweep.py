@@ -10,6 +10,9 @@ and every student of that learner and seed distils from it. Runs go to ``OUT/LEA
   run the same command again.
 - Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``; an id listed twice runs two runs at
   once on that GPU); without it, one run at a time.
+- Time limits: ``--stop-after SECONDS`` starts no run after that long (the runs in flight finish), prints what is
+  left and exits with status 3, so a time-limited job (a SLURM allocation, a lent GPU) stops between runs instead of
+  killing one mid-way; the same command continues.
 - Output: ``OUT/runs.csv`` and ``OUT/runs.json`` (every run: learner, method, seed, status, final average accuracy,
   forgetting, wall time, command) and ``OUT/table.md`` (mean ± std over seeds of final average accuracy and
   forgetting, learner x method, the teacher as the first column; with several seeds, each method's difference to
@@ -55,6 +58,8 @@ from cdl_lightning.compare import load_metrics
 
 __all__ = ["SweepRun", "load_sweep", "plan", "run_finished", "run_sweep", "summarise", "main"]
 
+NOT_STARTED = "not started (--stop-after)"
+"""Status of a run that ``--stop-after`` kept from starting (a later call of the same command runs it)."""
 _KEYS = {"out", "seeds", "learners", "methods", "methods_dir", "overrides", "teacher_overrides", "student_overrides",
          "seed_args"}
 
@@ -247,9 +252,10 @@ def _execute(run: SweepRun, device: str | None) -> None:
 
 
 def run_sweep(spec: dict[str, Any], gpus: list[str] | None = None, dry_run: bool = False,
-              echo: Any = print) -> list[SweepRun]:
+              echo: Any = print, stop_after: float | None = None) -> list[SweepRun]:
     """Run every unfinished run of ``spec``, ``len(gpus)`` at a time (one per GPU) or one at a time; a student waits
-    for its teacher. Returns all runs with their status and results."""
+    for its teacher. ``stop_after`` (seconds): start no run after that much time (the runs in flight finish; the others
+    keep status ``"not started (--stop-after)"`` for a later call). Returns all runs with their status and results."""
     runs = plan(spec)
     todo: list[SweepRun] = []
     for run in runs:
@@ -277,8 +283,14 @@ def run_sweep(spec: dict[str, Any], gpus: list[str] | None = None, dry_run: bool
             wake.set()
 
     pending = list(todo)
+    started = time.perf_counter()
     while pending or running:
         with lock:
+            if stop_after is not None and pending and time.perf_counter() - started > stop_after:
+                for run in pending:
+                    run.status = NOT_STARTED
+                echo(f"[sweep] --stop-after {stop_after:g} s reached: {len(pending)} runs not started")
+                pending.clear()
             for run in list(pending):
                 if not free:
                     break
@@ -394,11 +406,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", help="comma-separated GPU ids, one run per GPU (default: one run at a time)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs on disk")
+    parser.add_argument("--stop-after", type=float, metavar="SECONDS",
+                        help="start no run after SECONDS (runs in flight finish): for a time-limited job; run the "
+                             "same command again to continue (exit status 3 while runs are left)")
     args = parser.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 0:
+        parser.error(f"--stop-after needs SECONDS >= 0, got {args.stop_after:g}")
     spec = load_sweep(args.sweep)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     start = time.perf_counter()
-    runs = plan(spec) if args.table_only else run_sweep(spec, gpus, dry_run=args.dry_run)
+    runs = plan(spec) if args.table_only else run_sweep(spec, gpus, dry_run=args.dry_run, stop_after=args.stop_after)
     if args.dry_run:
         return
     result = summarise(spec, runs)
@@ -408,5 +425,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(failed)} failed) in {time.perf_counter() - start:.0f} s; table: {Path(spec['out']) / 'table.md'}")
     for run in failed:
         print(f"[sweep] FAILED {run.learner} {run.method} seed {run.seed}: {run.status}")
+    left = [r for r in runs if r.status == NOT_STARTED]
+    if left:
+        print(f"[sweep] {len(left)} runs not started (--stop-after); run the same command again to continue")
     if failed:
         raise SystemExit(1)
+    if left:
+        raise SystemExit(3)

@@ -115,6 +115,38 @@ def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
     assert only["table"] == result["table"] and {r["status"] for r in only["runs"]} == {"done"}
 
 
+def test_stop_after_zero_starts_nothing_and_exits_3(tmp_path, monkeypatch, capsys):
+    """``--stop-after 0``: no run starts (nothing is trained), every run says so, exit status 3."""
+    monkeypatch.chdir(tmp_path)
+    sweep = _sweep_file(tmp_path, ["coda"], ["none"], [0])
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", str(sweep), "--stop-after", "0"])
+    assert stop.value.code == 3
+    assert "2 runs not started (--stop-after); run the same command again" in capsys.readouterr().out
+    runs = json.loads((tmp_path / "sweep" / "runs.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["not started (--stop-after)"] * 2
+    assert not (tmp_path / "sweep" / "coda" / "seed0").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", str(sweep), "--stop-after", "-1"])
+    assert stop.value.code == 2 and "--stop-after needs SECONDS >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a teacher run, then its student in a second call (about 25 s)
+def test_stop_after_lets_the_run_in_flight_finish_and_the_next_call_continues(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sweep = _sweep_file(tmp_path, ["coda"], ["none"], [0])
+    with pytest.raises(SystemExit) as stop:  # one run at a time: the teacher starts at once, the student never
+        main(["sweep", str(sweep), "--stop-after", "0.5"])
+    assert stop.value.code == 3
+    runs = {r["method"]: r for r in json.loads((tmp_path / "sweep" / "runs.json").read_text())["runs"]}
+    assert runs["teacher"]["status"] == "done" and runs["none"]["status"] == "not started (--stop-after)"
+    capsys.readouterr()
+    main(["sweep", str(sweep)])  # continues: the teacher is skipped, the student runs
+    assert "2 runs (1 skipped as finished, 0 failed)" in capsys.readouterr().out
+    runs = {r["method"]: r for r in json.loads((tmp_path / "sweep" / "runs.json").read_text())["runs"]}
+    assert runs["none"]["status"] == "done" and runs["teacher"]["status"] == "skipped (finished)"
+
+
 def test_diagonal_summary_against_chance():
     """Mean diagonal and the smallest diagonal / chance ratio, chance = 100 / classes seen after each task."""
     from cdl_lightning.sweep import diagonal_summary

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole proxy study on one GPU, from the repository root: pretrain the two backbones (cached), pack the 100
 # continual classes, then the sweep (resumable: run again to continue). SEEDS picks a slice of the sweep file's
-# seeds (e.g. SEEDS=0 for seed 0 only; the full study is the default); RUNS_AT_ONCE runs that many at a time on GPU 0.
+# seeds (e.g. SEEDS=0 for seed 0 only; the full study is the default); RUNS_AT_ONCE runs that many at a time on GPU 0;
+# STOP_AFTER=SECONDS starts no run after that long (cdl sweep --stop-after; the same command continues).
 #   bash configs/proxy/study.sh
 set -euo pipefail
 NPZ=${NPZ:-../shared/data/tiny-imagenet-32.npz}
@@ -21,5 +22,5 @@ if [ -n "${SEEDS:-}" ]; then  # a slice of the seeds: the same run folders
 fi
 gpus=$(printf '0,%.0s' $(seq "$RUNS_AT_ONCE")); gpus=${gpus%,}
 start=$(date +%s)
-$CDL sweep "$sweep" --gpus "$gpus"
+$CDL sweep "$sweep" --gpus "$gpus" ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
 echo "sweep: $(( $(date +%s) - start )) s"
