@@ -274,6 +274,7 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
     train_s = seconds["train"]
     images = result["train_images"] * world  # every rank trains its shard of the same number of batches
     result["world_size"] = world
+    result["train_images_all_ranks"] = images  # (``train_images`` is rank 0's count)
     result["train_img_per_s"] = round(images / train_s, 1) if train_s > 0 else None
     result["step_img_per_s"] = round(step_rate, 1) if step_rate else None
     result["fraction_of_step_rate"] = (round(result["train_img_per_s"] / (step_rate * world), 3)
