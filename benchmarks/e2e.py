@@ -57,15 +57,16 @@ TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "pretrained": False,
 
 
 def process_start_time() -> float:
-    """Wall-clock time this process started (Linux ``/proc``), else the time this module was first imported."""
+    """Wall-clock time this process started (Linux ``/proc``, to the clock tick), else the time this module was first
+    imported. Measured against the uptime clock (``/proc/uptime``, 10 ms) rather than the boot time (``btime``, whole
+    seconds, which would shift the start by up to a second)."""
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 (starttime) counted after the ")"-terminated command name
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        start = boot + ticks / os.sysconf("SC_CLK_TCK")
+        now, uptime = time.time(), float(Path("/proc/uptime").read_text().split()[0])
+        start = now - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
         return start if start <= _IMPORT_TIME + 1 else _IMPORT_TIME
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return _IMPORT_TIME
 
 

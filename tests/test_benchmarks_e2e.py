@@ -33,7 +33,7 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     # the phases partition the run's wall time (rounded to ms each) ...
     assert math.isclose(sum(seconds.values()), result["wall"], abs_tol=0.01)
     # ... which is the subprocess's lifetime minus what follows the fit (the report, interpreter exit)
-    assert result["wall"] <= outer_wall
+    assert result["wall"] <= outer_wall + 0.05  # (the process start is read to the clock tick, 10 ms)
     assert result["wall"] >= outer_wall - 5.0
     assert seconds["startup"] > 0 and seconds["train"] > 0 and seconds["validation"] > 0
     assert seconds["checkpoint"] > 0  # last.ckpt is written every epoch
