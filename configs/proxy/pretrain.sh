@@ -11,7 +11,8 @@ NPZ=${NPZ:-../shared/data/tiny-imagenet-32.npz}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-40}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-10}
 CDL=${CDL:-cdl}
-COMMON=(--source npz --npz "$NPZ" --decode-workers 4 --class-split 102 --split-seed 0 --probe --precision bf16
+CLASS_SPLIT=${CLASS_SPLIT:-102}  # the first K classes of the seed-0 permutation pretrain; the rest are continual
+COMMON=(--source npz --npz "$NPZ" --decode-workers 4 --class-split "$CLASS_SPLIT" --split-seed 0 --probe --precision bf16
         --batch-size 256 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 3 --label-smoothing 0.1 --jitter 0.3
         --save-dtype float16 ${PRETRAIN_EXTRA:-})
 pids=()
