@@ -20,9 +20,8 @@ cp .data/proxy-cl.npz runs/proxy/tiny-imagenet-proxy-cl.npz
 sed "s/^seeds: .*/seeds: [$SEEDS]/" configs/proxy/sweep_packed.yaml > runs/proxy/sweep_call.yaml
 (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "no GPU") | tee "$OUT/r/gpu.txt"
 sha256sum runs/proxy/backbones/*.pth | tee "$OUT/r/backbones.sha256"
-gpus=$(printf '0,%.0s' $(seq "$RUNS_AT_ONCE")); gpus=${gpus%,}
 start=$(date +%s)
-${PYTHON:-python3} -m cdl_lightning.cli sweep runs/proxy/sweep_call.yaml --gpus "$gpus" --stop-after "$STOP_AFTER" \
+${PYTHON:-python3} -m cdl_lightning.cli sweep runs/proxy/sweep_call.yaml --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" --stop-after "$STOP_AFTER" \
     ${SWEEP_ARGS:-} > "$OUT/r/sweep.log" 2>&1
 echo "sweep exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/r/sweep.log"
 out=runs/sweeps/proxy

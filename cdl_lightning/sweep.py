@@ -9,7 +9,7 @@ and every student of that learner and seed distils from it. Runs go to ``OUT/LEA
   skipped; an unfinished run with a ``checkpoints/last.ckpt`` resumes from it (``--ckpt_path``). Kill the sweep and
   run the same command again.
 - Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``; an id listed twice runs two runs at
-  once on that GPU); without it, one run at a time.
+  once on that GPU; ``--runs-per-gpu N`` runs N on each listed GPU); without it, one run at a time.
 - Time limits: ``--stop-after SECONDS`` starts no run after that long (the runs in flight finish), prints what is
   left and exits with status 3, so a time-limited job (a SLURM allocation, a lent GPU) stops between runs instead of
   killing one mid-way; the same command continues.
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweep file (YAML)")
     parser.add_argument("--gpus", help="comma-separated GPU ids, one run per GPU (default: one run at a time)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1, metavar="N",
+                        help="runs at a time on each GPU of --gpus (small models leave a GPU idle with one run)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs on disk")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
@@ -413,7 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.stop_after is not None and args.stop_after < 0:
         parser.error(f"--stop-after needs SECONDS >= 0, got {args.stop_after:g}")
     spec = load_sweep(args.sweep)
+    if args.runs_per_gpu < 1:
+        parser.error(f"--runs-per-gpu needs N >= 1, got {args.runs_per_gpu}")
+    if args.runs_per_gpu > 1 and not args.gpus:
+        parser.error("--runs-per-gpu needs --gpus (the GPUs to put the runs on)")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    if gpus:
+        gpus = gpus * args.runs_per_gpu  # 0,1 x 2 -> 0,1,0,1: the first runs spread over the GPUs
     start = time.perf_counter()
     runs = plan(spec) if args.table_only else run_sweep(spec, gpus, dry_run=args.dry_run, stop_after=args.stop_after)
     if args.dry_run:

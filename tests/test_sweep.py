@@ -147,6 +147,28 @@ def test_stop_after_lets_the_run_in_flight_finish_and_the_next_call_continues(tm
     assert runs["none"]["status"] == "done" and runs["teacher"]["status"] == "skipped (finished)"
 
 
+def test_runs_per_gpu_fills_each_gpu(tmp_path, monkeypatch):
+    """``--gpus 0,1 --runs-per-gpu 3``: six slots, spread over the GPUs first; bad values are refused."""
+    import cdl_lightning.sweep as sweep
+
+    seen = {}
+
+    def fake_run_sweep(spec, gpus, dry_run=False, stop_after=None):
+        seen["gpus"] = gpus
+        return []
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(sweep, "summarise", lambda spec, runs: {"markdown": ""})
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_file(tmp_path, ["coda"], ["none"], [0])
+    main(["sweep", str(path), "--gpus", "0,1", "--runs-per-gpu", "3"])
+    assert seen["gpus"] == ["0", "1", "0", "1", "0", "1"]
+    for bad in (["--runs-per-gpu", "0", "--gpus", "0"], ["--runs-per-gpu", "2"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["sweep", str(path), *bad])
+        assert stop.value.code == 2
+
+
 def test_diagonal_summary_against_chance():
     """Mean diagonal and the smallest diagonal / chance ratio, chance = 100 / classes seen after each task."""
     from cdl_lightning.sweep import diagonal_summary

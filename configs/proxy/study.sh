@@ -20,7 +20,6 @@ if [ -n "${SEEDS:-}" ]; then  # a slice of the seeds: the same run folders
     sweep=runs/proxy/sweep_seeds_${SEEDS//,/_}.yaml
     sed "s/^seeds: .*/seeds: [$SEEDS]/" configs/proxy/sweep_packed.yaml > "$sweep"
 fi
-gpus=$(printf '0,%.0s' $(seq "$RUNS_AT_ONCE")); gpus=${gpus%,}
 start=$(date +%s)
-$CDL sweep "$sweep" --gpus "$gpus" ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
+$CDL sweep "$sweep" --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
 echo "sweep: $(( $(date +%s) - start )) s"
