@@ -1,10 +1,12 @@
 """Put the flat ``LEARNER_seedS_METHOD_metrics.json`` files that `proxy_device_call.sh` brings back (its
 ``results.tgz``, or a folder of them such as ``configs/proxy/measured/s4_h200_seed0``) into a sweep's run folders
-``OUT/LEARNER/seedS/METHOD/metrics.json``, so that ``cdl sweep SWEEP --table-only`` tables them with the others.
-Unfinished runs (``status`` not ``complete``) are skipped; an existing file is replaced only by a finished run.
+``OUT/LEARNER/seedS/METHOD/metrics.json``, so that ``cdl sweep SWEEP --table-only --out OUT`` tables them with the
+others. Unfinished runs (``status`` not ``complete``) are skipped. OUT is a folder of its own (default
+``runs/sweeps/proxy-gathered``), not the sweep's run folders: there a teacher with a metrics.json but no checkpoint
+would count as finished and its students could not start.
 
-    python benchmarks/proxy_unpack_results.py /work/.device/5/results.tgz [--out runs/sweeps/proxy]
-    cdl sweep configs/proxy/sweep_packed.yaml --table-only
+    python benchmarks/proxy_unpack_results.py /work/.device/5/results.tgz
+    cdl sweep configs/proxy/sweep_packed.yaml --table-only --out runs/sweeps/proxy-gathered
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def unpack(source: Path, out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="results.tgz or a folder of LEARNER_seedS_METHOD_metrics.json")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweeps/proxy"), help="the sweep's out folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweeps/proxy-gathered"),
+                        help="where to gather them (not the sweep's own run folders)")
     args = parser.parse_args()
     written = unpack(args.source, args.out)
     print(f"{len(written)} finished runs under {args.out}")

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 import tempfile
 import warnings
@@ -26,6 +27,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cdl_lightning.callbacks.checkpoint import RunCheckpoint
 from cdl_lightning.callbacks.continual_evaluation import ContinualEvaluation
@@ -330,12 +332,16 @@ def main(argv: list[str] | None = None) -> None:
     subcommand, args = argv[0], argv
     try:
         with _rich_width(), local_ranks(raw):
-            if subcommand in SUBCOMMANDS:
-                importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv[1:])
-                return
-            args = expand_config_args(argv)
-            refuse_optimizer_options(args)
-            cli_main(args)
+            try:
+                if subcommand in SUBCOMMANDS:
+                    importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv[1:])
+                    return
+                args = expand_config_args(argv)
+                refuse_optimizer_options(args)
+                cli_main(args)
+            except SIGTERMException:  # Lightning's stop on SIGTERM is a SystemExit with status 0: not a finished run
+                print(f"cdl {subcommand}: stopped by SIGTERM (exit status 143)", file=sys.stderr, flush=True)
+                raise SystemExit(128 + signal.SIGTERM) from None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as error:  # noqa: B902 - classified below, re-raised unless it is a user's mistake

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -60,7 +61,7 @@ EXTERNAL = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 SUBPROCESS_STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 """Strategy names Lightning runs with ``_SubprocessScriptLauncher`` (one process started per device)."""
 _ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED", PARENT)
-_GRACE_S = 10.0
+_GRACE_S = 30.0
 _marked: set[str] = set()
 
 
@@ -210,6 +211,22 @@ class LocalRankFailed(KeyboardInterrupt):
     run_status = "failed"
 
 
+class Terminated(SystemExit):
+    """Raised in rank 0 by SIGTERM (``kill``, ``timeout``, a batch system's time limit) while it runs its local ranks:
+    exit status 143 (128 + SIGTERM), ``metrics.json`` records ``interrupted``; the other ranks get the SIGTERM too."""
+
+    run_status = "interrupted"
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+USER_ERROR = 2
+"""Exit status of a user error (`cdl_lightning.cli`): every rank hits the same one, and rank 0 reports it."""
+_USER_ERROR_WAIT_S = 30.0
+"""How long rank 0 may take to reach (and report) the user error another rank exited with, before it is stopped."""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))  # the kernel picks a free port: two runs on one machine get different ports
@@ -229,38 +246,81 @@ def _stop(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
             process.wait()
 
 
-class _Watch(threading.Thread):
-    """Rank 0's watch on the other ranks: the first that exits with an error stops the others and rank 0."""
+def _child_command() -> list[str]:
+    """How to start another rank so that it imports the same code as rank 0: ``python -m`` puts the working directory
+    first on ``sys.path``, the ``cdl`` console script does not (a ``yaml.py`` there would reach one rank only)."""
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:  # rank 0 runs as `python -m ...`: the same rule
+        return [sys.executable, "-m", "cdl_lightning.launch"]
+    return [sys.executable, "-c", "import sys; del sys.path[0]; from cdl_lightning.launch import main; main()"]
 
-    def __init__(self, processes: list[subprocess.Popen]) -> None:
+
+class _Watch(threading.Thread):
+    """Rank 0's watch on the other ranks: the first that exits with an error stops the others and rank 0. It also
+    passes a SIGTERM that reached rank 0 on to them (read from the signal wake-up pipe ``wakeup``, so before any
+    Python handler runs: Lightning's own SIGTERM handler waits in a collective for them)."""
+
+    def __init__(self, processes: list[subprocess.Popen], wakeup: int | None = None) -> None:
         super().__init__(name="cdl-rank-watch", daemon=True)
         self.processes, self.failed = processes, None
         self.interrupted = False  # rank 0 got SIGINT (Ctrl+C reaches every rank): the others' exit is no failure
+        self.terminated = False  # rank 0 got SIGTERM, passed on to the others: their exit is no failure either
+        self._wakeup = wakeup
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._fired = False
         self._main = threading.main_thread().ident
 
     def run(self) -> None:
-        while not self._done.wait(0.5):
+        while not self._done.is_set():
+            self._read_signals(0.5)
             for rank, process in enumerate(self.processes, start=1):
                 code = process.poll()
-                if code:
+                if code and not (self._done.is_set() or self.interrupted or self.terminated):
+                    if code == USER_ERROR and self._done.wait(_USER_ERROR_WAIT_S):
+                        return  # rank 0 hit the same mistake and reports it
                     self._fail(rank, process, code)
                     return
 
+    def _read_signals(self, timeout: float) -> None:
+        if self._wakeup is None:
+            self._done.wait(timeout)
+            return
+        ready, _, _ = select.select([self._wakeup], [], [], timeout)
+        if not ready:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            received = os.read(self._wakeup, 512)
+            if signal.SIGINT in received:
+                self.interrupted = True
+            if signal.SIGTERM in received and not self.terminated:
+                self.terminated = True
+                for process in self.processes:
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGTERM)
+
     def _fail(self, rank: int, process: subprocess.Popen, code: int) -> None:
+        if self._done.is_set():  # rank 0 ended meanwhile (and stopped the others itself)
+            return
         self.failed = (rank, process.pid, code)
         print(f"cdl: local rank {rank} (pid {process.pid}) exited with status {code}; stopping the run",
               file=sys.stderr, flush=True)
         _stop([other for other in self.processes if other is not process])
-        if self._done.is_set() or self.interrupted:
-            return
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._main), ctypes.py_object(LocalRankFailed))
+        with self._lock:  # never after `stop`: rank 0's cleanup must not be cut by this exception
+            if self._done.is_set() or self.interrupted or self.terminated:
+                return
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._main), ctypes.py_object(LocalRankFailed))
+            self._fired = True
         if not self._done.wait(_GRACE_S):  # rank 0 is stuck in a collective that will not return
-            print("cdl: rank 0 did not stop; killing it", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            print("cdl: rank 0 did not stop; ending it", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def stop(self) -> None:
-        self._done.set()
+        """Called by rank 0's main thread when its run ends: no stop after this; an undelivered one is withdrawn."""
+        with self._lock:
+            self._done.set()
+            if self._fired and threading.get_ident() == self._main:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._main), None)
 
 
 def _note_interrupts(watch: _Watch) -> Any:
@@ -283,6 +343,38 @@ def _note_interrupts(watch: _Watch) -> Any:
 
 
 @contextlib.contextmanager
+def _signal_pipe() -> Iterator[int | None]:
+    """A non-blocking pipe that receives the number of every signal rank 0 gets (``signal.set_wakeup_fd``) and a
+    SIGTERM handler raising `Terminated`, for the duration; ``None`` off the main thread."""
+    try:
+        read, write = os.pipe()
+    except OSError:
+        yield None
+        return
+    for fd in (read, write):
+        os.set_blocking(fd, False)
+    try:
+        previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(read)
+        os.close(write)
+        yield None
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous_term = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield read
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read)
+        os.close(write)
+
+
+@contextlib.contextmanager
 def local_ranks(argv: list[str]) -> Iterator[int]:
     """Around rank 0's run of ``cdl ARGV``: start the other local ranks first (`local_process_count`); at the end,
     wait for them (stop them when rank 0 failed) and exit with status 1 when one of them failed. Yields the number of
@@ -298,41 +390,46 @@ def local_ranks(argv: list[str]) -> Iterator[int]:
     if options.get("seed_everything", True) is True and "PL_GLOBAL_SEED" not in os.environ:
         # LightningCLI draws a random seed for `seed_everything: true` from PL_GLOBAL_SEED when set: one for all ranks
         os.environ["PL_GLOBAL_SEED"] = str(random.randint(0, 2**32 - 1))
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "cdl_lightning.launch", *argv], stdin=subprocess.DEVNULL,
-                         env={**os.environ, "LOCAL_RANK": str(rank)})
-        for rank in range(1, count)
-    ]
-    watch = _Watch(processes)
-    watch.start()
-    previous_handler = _note_interrupts(watch)
-    finished = False
-    try:
-        yield count
-        finished = True
-    except SystemExit as stop:
-        finished = stop.code in (None, 0)
-        raise
-    except LocalRankFailed:
-        raise SystemExit(1) from None
-    finally:
-        watch.stop()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-        if finished:  # the ranks left the last collective with rank 0: they end within seconds
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                for process in processes:
-                    process.wait(timeout=120)
-        exited = [process.poll() for process in processes]  # before rank 0 stops them: which failed on their own
-        _stop(processes)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        failed = [(rank, code) for rank, code in enumerate(exited, start=1) if code]
-        if failed and watch.failed is None:
-            print(f"cdl: local rank {failed[0][0]} exited with status {failed[0][1]}", file=sys.stderr, flush=True)
+    command = _child_command()
+    processes = [subprocess.Popen([*command, *argv], stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "LOCAL_RANK": str(rank)}) for rank in range(1, count)]
+    finished, user_error = False, False
+    with _signal_pipe() as wakeup:
+        watch = _Watch(processes, wakeup)
+        watch.start()
+        previous_handler = _note_interrupts(watch)
+        try:
+            yield count
+            finished = True
+        except SystemExit as stop:
+            finished, user_error = stop.code in (None, 0), stop.code == USER_ERROR
+            raise
+        except LocalRankFailed:
+            raise SystemExit(1) from None
+        finally:
+            watch.stop()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            if finished:  # the ranks left the last collective with rank 0: they end within seconds
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    for process in processes:
+                        process.wait(timeout=120)
+            if user_error:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # they hit the same mistake: let them end
+                    for process in processes:
+                        process.wait(timeout=10)
+            exited = [process.poll() for process in processes]  # before rank 0 stops them: which failed on their own
+            _stop(processes)
+            watch.join(timeout=5)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            failed = [(rank, code) for rank, code in enumerate(exited, start=1) if code]
+            quiet = user_error or watch.failed is not None or watch.interrupted or watch.terminated
+            if failed and not quiet:  # (rank 0's user error, the watch's stop or a signal is reported already)
+                print(f"cdl: local rank {failed[0][0]} exited with status {failed[0][1]}", file=sys.stderr, flush=True)
     if failed or any(process.returncode for process in processes):
         raise SystemExit(1)
 

@@ -197,13 +197,18 @@ def run_finished(run_dir: str) -> bool:
 def diagonal_summary(metrics: dict[str, Any]) -> tuple[float, float]:
     """``(mean diagonal in %, smallest diagonal / chance)`` of a finished run's ``metrics.json`` (see `SweepRun`)."""
     matrix = metrics["accuracy_matrix"]
-    diagonal = [float(matrix[t][t]) for t in range(len(matrix))]
+    diagonal = [math.nan if matrix[t][t] is None else float(matrix[t][t]) for t in range(len(matrix))]
     sizes = metrics.get("task_sizes")
     ratio = math.nan
     if sizes and len(sizes) == len(diagonal):
         seen = [sum(sizes[: t + 1]) for t in range(len(sizes))]
-        ratio = min(value * classes / 100.0 for value, classes in zip(diagonal, seen))
-    return sum(diagonal) / len(diagonal), ratio
+        ratio = _nan_min(value * classes / 100.0 for value, classes in zip(diagonal, seen))
+    return _mean_std(diagonal)[0], ratio
+
+
+def _nan_min(values: Any) -> float:
+    """The smallest value that is not NaN (NaN when there is none)."""
+    return min((v for v in values if not math.isnan(v)), default=math.nan)
 
 
 def _read_result(run: SweepRun) -> None:
@@ -344,8 +349,7 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
             table[learner][method] = {"avg_acc": list(_mean_std([r.avg_acc for r in chosen])),
                                       "forgetting": list(_mean_std([r.forgetting for r in chosen])),
                                       "diagonal": list(_mean_std([r.diagonal for r in chosen])),
-                                      "diagonal_vs_chance": min((r.diagonal_vs_chance for r in chosen),
-                                                                default=math.nan),
+                                      "diagonal_vs_chance": _nan_min(r.diagonal_vs_chance for r in chosen),
                                       "seeds": len(chosen)}
 
     def cell(entry: dict[str, Any], key: str) -> str:
@@ -408,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs at a time on each GPU of --gpus (small models leave a GPU idle with one run)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs on disk")
+    parser.add_argument("--out", help="run folder root instead of the sweep file's `out` (e.g. gathered results)")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="start no run after SECONDS (runs in flight finish): for a time-limited job; run the "
                              "same command again to continue (exit status 3 while runs are left)")
@@ -415,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stop_after is not None and args.stop_after < 0:
         parser.error(f"--stop-after needs SECONDS >= 0, got {args.stop_after:g}")
     spec = load_sweep(args.sweep)
+    if args.out:
+        spec["out"] = args.out
     if args.runs_per_gpu < 1:
         parser.error(f"--runs-per-gpu needs N >= 1, got {args.runs_per_gpu}")
     if args.runs_per_gpu > 1 and not args.gpus:

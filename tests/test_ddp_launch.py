@@ -46,6 +46,18 @@ class StallAt(Callback):
             time.sleep(600)
 
 
+class SlowFrom(Callback):
+    """Drill: from global step ``step`` on, every batch takes 0.5 s more; ``marker.RANK`` says it began."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            Path(f"{self.marker}.{trainer.global_rank}").write_text(str(os.getpid()))
+            time.sleep(0.5)
+
+
 def _cdl(args: list[str], tmp_path: Path, new_session: bool = False, **env: str) -> subprocess.Popen:
     """``cdl ARGS`` as the console script runs it (``cdl_lightning.launch:main``), in a subprocess."""
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
@@ -225,6 +237,69 @@ def test_ctrl_c_stops_every_rank_and_the_run_says_interrupted(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
+
+
+@pytest.mark.slow  # a 2-process cdl fit stopped by SIGTERM to rank 0 alone (about 15 s)
+def test_sigterm_to_rank_zero_stops_every_rank_with_status_143(tmp_path):
+    """``kill PID`` / ``timeout`` / a batch system's time limit: rank 0 passes the SIGTERM on (Lightning's own handler
+    would otherwise wait for the others in a collective), the run exits 143, never 0, and says ``interrupted``."""
+    process, child = _stalled(tmp_path, new_session=True)
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+        output = _finish(process, timeout=90)
+        assert process.returncode == 143, output[-3000:]
+        assert not _alive(child)
+        result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert result["status"] == "interrupted" and result["filled_rows"] == [0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+SLOW_RANK_ZERO = '''
+import importlib.abc, os, sys, time
+class SlowRankZero(importlib.abc.MetaPathFinder):
+    """Rank 0 (LOCAL_RANK 0, set by the launcher before the CLI's imports) imports jsonargparse 4 s late."""
+    done = False
+    def find_spec(self, name, path, target=None):
+        if name == "jsonargparse" and not SlowRankZero.done and os.environ.get("LOCAL_RANK") == "0":
+            SlowRankZero.done = True
+            time.sleep(4)
+        return None
+sys.meta_path.insert(0, SlowRankZero())
+'''
+
+
+@pytest.mark.slow  # a 2-process cdl fit with a mistyped key, rank 0 slowed down (about 15 s)
+def test_a_user_error_is_reported_once_with_status_2_even_when_another_rank_fails_first(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_RANK_ZERO)
+    process = _cdl(small_coda_fit_args(tmp_path, *DDP, "--model.prompt.pool_sizee", "3"), tmp_path,
+                   PYTHONPATH=os.pathsep.join([str(hook), str(REPO), str(REPO / "tests")]))
+    output = _finish(process, timeout=120)
+    assert process.returncode == 2, output[-3000:]
+    assert output.count("error: unknown key `pool_sizee`") == 1, output[-3000:]
+    assert "local rank 1" not in output, output[-3000:]
+
+
+@pytest.mark.slow  # a 1-process cdl fit stopped by SIGTERM (about 10 s)
+def test_sigterm_stops_a_single_process_run_with_status_143(tmp_path):
+    marker = tmp_path / "slow"  # Lightning stops at the end of the step that got the SIGTERM
+    drill = ("--trainer.callbacks+=test_ddp_launch.SlowFrom", "--trainer.callbacks.step=9",  # task 0 evaluated at 8
+             f"--trainer.callbacks.marker={marker}")
+    process = _cdl(small_coda_fit_args(tmp_path, *drill), tmp_path)
+    deadline = time.monotonic() + 120
+    while not Path(f"{marker}.0").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = _finish(process, timeout=60)
+    assert process.returncode == 143, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result["status"] == "interrupted" and result["filled_rows"] == [0]
 
 
 @pytest.mark.slow  # a 2-process cdl fit killed with SIGKILL (about 12 s)

@@ -179,6 +179,8 @@ def test_diagonal_summary_against_chance():
     assert mean == pytest.approx((60 + 40 + 12) / 3)
     assert ratio == pytest.approx(min(60 * 10, 40 * 15, 12 * 20) / 100)  # 6.0, 6.0, 2.4 -> 2.4
     assert math.isnan(diagonal_summary({**metrics, "task_sizes": None})[1])  # older metrics.json: no ratio
+    gap = {"accuracy_matrix": [[60.0, None], [30.0, None]], "task_sizes": [10, 10]}  # a row without its diagonal
+    assert diagonal_summary(gap) == (60.0, pytest.approx(6.0))
 
 
 KILLER = '''

@@ -64,8 +64,13 @@ class BackgroundWriter:
     def flush(self, raise_error: bool = True) -> BaseException | None:
         """Wait until every queued job ran. Raise the first error a job raised (``raise_error``), or return it."""
         with self._idle:
-            while self._thread is not None:
-                self._idle.wait()
+            while self._thread is not None and self._thread.is_alive():
+                self._idle.wait(0.2)
+            # a thread that never started (an interrupt between its creation and `start`) leaves its jobs queued
+            self._thread, left = None, list(self._jobs)
+            self._jobs.clear()
+        for job in left:
+            self._run(job)
         if raise_error:
             self.raise_pending()
         error, self._error = self._error, None
@@ -85,12 +90,15 @@ class BackgroundWriter:
                     self._idle.notify_all()
                     return
                 job = self._jobs.popleft()
-            try:
-                job()
-            except BaseException as error:  # noqa: BLE001 - kept and raised again in the caller's thread
-                with self._lock:
-                    if self._error is None:
-                        self._error = error
+            self._run(job)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as error:  # noqa: BLE001 - kept and raised again in the caller's thread
+            with self._lock:
+                if self._error is None:
+                    self._error = error
 
 
 def _write_text(path: str, text: str) -> None:

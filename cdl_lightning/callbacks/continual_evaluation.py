@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from typing_extensions import override
@@ -277,7 +278,7 @@ class ContinualEvaluation(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # a run that stopped must not look finished: rewrite metrics.json with the reason
-        stopped = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        stopped = "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed"
         self.run_status = getattr(exception, "run_status", stopped)
         # the original exception goes on; an error of the writing thread is reported with it
         error = self._writer.flush(raise_error=False)
