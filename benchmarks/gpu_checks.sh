@@ -8,6 +8,8 @@
 #           resume and validate on GPU, 1-GPU == 2-GPU DDP evaluation (skips with fewer than 2 GPUs)
 #   e2e1    benchmarks/e2e.py on 1 GPU: the ViT-B CODA teacher, then the ViT-B -> ViT-S KDP student taught by it
 #   e2e2    benchmarks/e2e.py on 2 GPUs (DDP): the same teacher run, with the 1-GPU step rate from e2e1
+#   e2e2s   e2e2 with Lightning's per-step DDP SIGTERM check (a host sync) thinned to every 50 steps
+#           (cdl_lightning.callbacks.SigtermCheck): the same matrix is expected, the speed is the question
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
@@ -60,6 +62,16 @@ for part in $PARTS; do
       for n in 1 2; do
         cp "$RUNS/gpu$n/coda-b/metrics.json" "$OUT/metrics_teacher_${n}gpu.json" 2>/dev/null || true
       done ;;
+    e2e2s)
+      rate=$(python3 -c "import json; print(json.load(open('$OUT/e2e_teacher_1gpu.json'))['step_img_per_s'])" \
+             2>/dev/null || echo "")
+      note "e2e: ViT-B CODA teacher, 2 GPUs DDP, SIGTERM check every 50 steps"
+      python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --devices 2 --out "$RUNS/gpu2s" \
+        ${rate:+--step-rate "$rate"} --json "$OUT/e2e_teacher_2gpu_sigterm50.json" --no-progress-bar "${CLI[@]}" \
+        --trainer.callbacks+=cdl_lightning.callbacks.SigtermCheck --trainer.callbacks.every_n_steps=50 \
+        > "$OUT/e2e_teacher_2gpu_sigterm50.log" 2>&1
+      keep; tail -12 "$OUT/e2e_teacher_2gpu_sigterm50.log"
+      cp "$RUNS/gpu2s/coda-b/metrics.json" "$OUT/metrics_teacher_2gpu_sigterm50.json" 2>/dev/null || true ;;
     deploy)
       note "deploy: ViT-B teacher vs ViT-S student (random weights), CUDA"
       CUDA_VISIBLE_DEVICES=0 python3 benchmarks/deploy.py --random vit_base/vit_small --device cuda \

@@ -4,6 +4,7 @@ from cdl_lightning.callbacks.checkpoint import RunCheckpoint
 from cdl_lightning.callbacks.continual_evaluation import ContinualEvaluation, OutputAdapter
 from cdl_lightning.callbacks.divergence import DivergenceCheck, DivergenceError
 from cdl_lightning.callbacks.rng_state import RNGStateCallback
+from cdl_lightning.callbacks.sigterm import SigtermCheck
 
 __all__ = [
     "ContinualEvaluation",
@@ -12,4 +13,5 @@ __all__ = [
     "OutputAdapter",
     "RNGStateCallback",
     "RunCheckpoint",
+    "SigtermCheck",
 ]
