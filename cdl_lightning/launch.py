@@ -249,10 +249,10 @@ def _stop(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 def _child_command() -> list[str]:
     """How to start another rank so that it imports the same code as rank 0: ``python -m`` puts the working directory
     first on ``sys.path``, the ``cdl`` console script does not (a ``yaml.py`` there would reach one rank only)."""
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", None) is not None:  # rank 0 runs as `python -m ...`: the same rule
-        return [sys.executable, "-m", "cdl_lightning.launch"]
-    return [sys.executable, "-c", "import sys; del sys.path[0]; from cdl_lightning.launch import main; main()"]
+    if Path(sys.argv[0]).name in ("cdl", "cdl.exe") and getattr(sys.modules.get("__main__"), "__spec__", None) is None:
+        # the installed console script: nothing of the working directory, like rank 0
+        return [sys.executable, "-c", "import sys; del sys.path[0]; from cdl_lightning.launch import main; main()"]
+    return [sys.executable, "-m", "cdl_lightning.launch"]  # `python -m ...` or a script calling the CLI in process
 
 
 class _Watch(threading.Thread):
