@@ -5,7 +5,8 @@
 #   .data/proxy-cl.npz              cdl pack ../shared/data/tiny-imagenet-32.npz .data/proxy-cl.npz --classes '{seed: 0, start: 102}'
 #   .data/backbones/teacher.pth     the pretrained backbones (configs/proxy/pretrain.sh, float16: 11 MB + 2.4 MB)
 #   .data/backbones/student.pth
-# usage: bash benchmarks/proxy_device_call.sh SEEDS [RUNS_AT_ONCE=6] [STOP_AFTER=420]   (SEEDS e.g. "1" or "1, 2")
+# usage: [LEARNERS=l2p] bash benchmarks/proxy_device_call.sh SEEDS [RUNS_AT_ONCE=6] [STOP_AFTER=420]
+#        (SEEDS e.g. "1" or "1, 2"; LEARNERS: only those learners of the sweep, e.g. to finish one group)
 # The sweep starts no run after STOP_AFTER seconds (cdl sweep --stop-after), so the call ends between runs; its run
 # folders live on the machine only while it stays warm: give each call whole (learner, seed) groups to finish.
 set -uo pipefail
@@ -17,7 +18,19 @@ export PYTHONUNBUFFERED=1
 mkdir -p runs/proxy/backbones "$OUT/r"
 cp .data/backbones/*.pth runs/proxy/backbones/
 cp .data/proxy-cl.npz runs/proxy/tiny-imagenet-proxy-cl.npz
-sed "s/^seeds: .*/seeds: [$SEEDS]/" configs/proxy/sweep_packed.yaml > runs/proxy/sweep_call.yaml
+# the seeds asked for, and only the learners in LEARNERS (e.g. LEARNERS=l2p) when it is set
+SEEDS="$SEEDS" LEARNERS="${LEARNERS:-}" ${PYTHON:-python3} - <<'PY' || exit 2
+import os, yaml
+spec = yaml.safe_load(open("configs/proxy/sweep_packed.yaml"))
+spec["seeds"] = [int(s) for s in os.environ["SEEDS"].replace(",", " ").split()]
+keep = os.environ["LEARNERS"].replace(",", " ").split()
+if keep:
+    unknown = sorted(set(keep) - set(spec["learners"]))
+    if unknown:
+        raise SystemExit(f"LEARNERS: unknown {unknown}; the sweep has {sorted(spec['learners'])}")
+    spec["learners"] = {name: spec["learners"][name] for name in keep}
+yaml.safe_dump(spec, open("runs/proxy/sweep_call.yaml", "w"), sort_keys=False)
+PY
 (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "no GPU") | tee "$OUT/r/gpu.txt"
 sha256sum runs/proxy/backbones/*.pth | tee "$OUT/r/backbones.sha256"
 start=$(date +%s)
