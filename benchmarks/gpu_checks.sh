@@ -31,6 +31,20 @@ status=0
 note() { echo "== $(date -u +%H:%M:%S) $*"; }
 keep() { local rc=$?; [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc; note "exit $rc"; }
 
+# e2e_two_gpus NAME RUNDIR METRICS TITLE [cdl args...]: the ViT-B CODA teacher on 2 GPUs (DDP), with the 1-GPU step
+# rate of e2e1 when there is one; OUT/NAME.{json,log} and the run's matrix as OUT/METRICS (to compare with 1 GPU's)
+e2e_two_gpus() {
+  local name=$1 dir=$2 metrics=$3 title=$4; shift 4
+  local rate
+  rate=$(python3 -c "import json; print(json.load(open('$OUT/e2e_teacher_1gpu.json'))['step_img_per_s'])" \
+         2>/dev/null || echo "")
+  note "e2e: ViT-B CODA teacher, $title (step rate ${rate:-measured})"
+  python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --devices 2 --out "$RUNS/$dir" \
+    ${rate:+--step-rate "$rate"} --json "$OUT/$name.json" --no-progress-bar "${CLI[@]}" "$@" > "$OUT/$name.log" 2>&1
+  keep; tail -12 "$OUT/$name.log"
+  cp "$RUNS/$dir/coda-b/metrics.json" "$OUT/$metrics" 2>/dev/null || true
+}
+
 nvidia-smi -L || true
 python3 -c 'import torch, lightning, timm; print("torch", torch.__version__, "lightning", lightning.__version__,
 "timm", timm.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))'
@@ -52,26 +66,12 @@ for part in $PARTS; do
         "${CLI[@]}" > "$OUT/e2e_student_1gpu.log" 2>&1
       keep; tail -12 "$OUT/e2e_student_1gpu.log" ;;
     e2e2)
-      rate=$(python3 -c "import json; print(json.load(open('$OUT/e2e_teacher_1gpu.json'))['step_img_per_s'])" \
-             2>/dev/null || echo "")
-      note "e2e: ViT-B CODA teacher, 2 GPUs DDP (step rate ${rate:-measured})"
-      python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --devices 2 --out "$RUNS/gpu2" \
-        ${rate:+--step-rate "$rate"} --json "$OUT/e2e_teacher_2gpu.json" --no-progress-bar "${CLI[@]}" \
-        > "$OUT/e2e_teacher_2gpu.log" 2>&1
-      keep; tail -12 "$OUT/e2e_teacher_2gpu.log"
-      for n in 1 2; do
-        cp "$RUNS/gpu$n/coda-b/metrics.json" "$OUT/metrics_teacher_${n}gpu.json" 2>/dev/null || true
-      done ;;
+      e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
+      cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;
     e2e2s)
-      rate=$(python3 -c "import json; print(json.load(open('$OUT/e2e_teacher_1gpu.json'))['step_img_per_s'])" \
-             2>/dev/null || echo "")
-      note "e2e: ViT-B CODA teacher, 2 GPUs DDP, SIGTERM check every 50 steps"
-      python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --devices 2 --out "$RUNS/gpu2s" \
-        ${rate:+--step-rate "$rate"} --json "$OUT/e2e_teacher_2gpu_sigterm50.json" --no-progress-bar "${CLI[@]}" \
-        --trainer.callbacks+=cdl_lightning.callbacks.SigtermCheck --trainer.callbacks.every_n_steps=50 \
-        > "$OUT/e2e_teacher_2gpu_sigterm50.log" 2>&1
-      keep; tail -12 "$OUT/e2e_teacher_2gpu_sigterm50.log"
-      cp "$RUNS/gpu2s/coda-b/metrics.json" "$OUT/metrics_teacher_2gpu_sigterm50.json" 2>/dev/null || true ;;
+      e2e_two_gpus e2e_teacher_2gpu_sigterm50 gpu2s metrics_teacher_2gpu_sigterm50.json \
+        "2 GPUs DDP, SIGTERM check every 50 steps" \
+        --trainer.callbacks+=cdl_lightning.callbacks.SigtermCheck --trainer.callbacks.every_n_steps=50 ;;
     deploy)
       note "deploy: ViT-B teacher vs ViT-S student (random weights), CUDA"
       CUDA_VISIBLE_DEVICES=0 python3 benchmarks/deploy.py --random vit_base/vit_small --device cuda \

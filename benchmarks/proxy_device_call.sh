@@ -18,23 +18,11 @@ export PYTHONUNBUFFERED=1
 mkdir -p runs/proxy/backbones "$OUT/r"
 cp .data/backbones/*.pth runs/proxy/backbones/
 cp .data/proxy-cl.npz runs/proxy/tiny-imagenet-proxy-cl.npz
-# the seeds asked for, and only the learners in LEARNERS (e.g. LEARNERS=l2p) when it is set
-SEEDS="$SEEDS" LEARNERS="${LEARNERS:-}" ${PYTHON:-python3} - <<'PY' || exit 2
-import os, yaml
-spec = yaml.safe_load(open("configs/proxy/sweep_packed.yaml"))
-spec["seeds"] = [int(s) for s in os.environ["SEEDS"].replace(",", " ").split()]
-keep = os.environ["LEARNERS"].replace(",", " ").split()
-if keep:
-    unknown = sorted(set(keep) - set(spec["learners"]))
-    if unknown:
-        raise SystemExit(f"LEARNERS: unknown {unknown}; the sweep has {sorted(spec['learners'])}")
-    spec["learners"] = {name: spec["learners"][name] for name in keep}
-yaml.safe_dump(spec, open("runs/proxy/sweep_call.yaml", "w"), sort_keys=False)
-PY
 (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "no GPU") | tee "$OUT/r/gpu.txt"
 sha256sum runs/proxy/backbones/*.pth | tee "$OUT/r/backbones.sha256"
 start=$(date +%s)
-${PYTHON:-python3} -m cdl_lightning.cli sweep runs/proxy/sweep_call.yaml --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" --stop-after "$STOP_AFTER" \
+${PYTHON:-python3} -m cdl_lightning.cli sweep configs/proxy/sweep_packed.yaml --seeds "${SEEDS// /}" \
+    ${LEARNERS:+--learners "$LEARNERS"} --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" --stop-after "$STOP_AFTER" \
     ${SWEEP_ARGS:-} > "$OUT/r/sweep.log" 2>&1
 echo "sweep exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/r/sweep.log"
 out=runs/sweeps/proxy

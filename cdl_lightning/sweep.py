@@ -10,6 +10,7 @@ and every student of that learner and seed distils from it. Runs go to ``OUT/LEA
   run the same command again.
 - Parallel: ``--gpus 0,1,2,3`` runs one run per GPU (``CUDA_VISIBLE_DEVICES``; an id listed twice runs two runs at
   once on that GPU; ``--runs-per-gpu N`` runs N on each listed GPU); without it, one run at a time.
+- Slices: ``--seeds 1,2`` and ``--learners coda`` run part of the same grid (the same run folders).
 - Time limits: ``--stop-after SECONDS`` starts no run after that long (the runs in flight finish), prints what is
   left and exits with status 3, so a time-limited job (a SLURM allocation, a lent GPU) stops between runs instead of
   killing one mid-way; the same command continues.
@@ -38,7 +39,6 @@ from the runs on disk.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -185,13 +185,21 @@ def plan(spec: dict[str, Any]) -> list[SweepRun]:
     return runs
 
 
+def _metrics(run_dir: str) -> dict[str, Any] | None:
+    """The run's ``metrics.json``, or ``None`` when it has none (yet) or it does not parse."""
+    try:
+        return load_metrics(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _finished(metrics: dict[str, Any] | None) -> bool:
+    return metrics is not None and metrics.get("final", {}).get("task") == metrics.get("num_tasks", 0) - 1
+
+
 def run_finished(run_dir: str) -> bool:
     """True when the run's ``metrics.json`` holds its last task's row."""
-    try:
-        metrics = load_metrics(run_dir)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return metrics.get("final", {}).get("task") == metrics.get("num_tasks", 0) - 1
+    return _finished(_metrics(run_dir))
 
 
 def diagonal_summary(metrics: dict[str, Any]) -> tuple[float, float]:
@@ -212,16 +220,15 @@ def _nan_min(values: Any) -> float:
 
 
 def _read_result(run: SweepRun) -> None:
-    if run_finished(run.run_dir):
-        metrics = load_metrics(run.run_dir)
+    metrics = _metrics(run.run_dir)
+    if _finished(metrics):
         final = metrics["final"]
         run.avg_acc, run.forgetting = float(final["avg_acc"]), float(final["forgetting"])
         run.diagonal, run.diagonal_vs_chance = diagonal_summary(metrics)
         if run.status == "pending":  # (--table-only: nothing ran in this process)
             run.status = "done"
-    elif run.status == "pending" and (Path(run.run_dir) / "metrics.json").is_file():
-        with contextlib.suppress(Exception):
-            run.status = f"unfinished ({load_metrics(run.run_dir).get('status', 'partial')})"
+    elif run.status == "pending" and metrics is not None:
+        run.status = f"unfinished ({metrics.get('status', 'partial')})"
     marker = Path(run.run_dir) / "sweep_run.json"
     if marker.is_file():
         run.wall_s = json.loads(marker.read_text()).get("wall_s", math.nan)
@@ -413,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the runs on disk")
     parser.add_argument("--out", help="run folder root instead of the sweep file's `out` (e.g. gathered results)")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of the sweep file's (a slice of the same grid)")
+    parser.add_argument("--learners", help="comma-separated learners of the sweep file to run (default: all)")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="start no run after SECONDS (runs in flight finish): for a time-limited job; run the "
                              "same command again to continue (exit status 3 while runs are left)")
@@ -422,6 +431,17 @@ def main(argv: list[str] | None = None) -> None:
     spec = load_sweep(args.sweep)
     if args.out:
         spec["out"] = args.out
+    if args.seeds:
+        try:
+            spec["seeds"] = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.learners:
+        keep = [name.strip() for name in args.learners.split(",") if name.strip()]
+        unknown = sorted(set(keep) - set(spec["learners"]))
+        if unknown:
+            parser.error(f"--learners: {unknown} not in the sweep file's learners {sorted(spec['learners'])}")
+        spec["learners"] = {name: spec["learners"][name] for name in keep}
     if args.runs_per_gpu < 1:
         parser.error(f"--runs-per-gpu needs N >= 1, got {args.runs_per_gpu}")
     if args.runs_per_gpu > 1 and not args.gpus:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -225,13 +226,14 @@ def _stalled(tmp_path: Path, new_session: bool = False) -> tuple[subprocess.Pope
     return process, int(Path(f"{marker}.1").read_text())
 
 
-@pytest.mark.slow  # a 2-process cdl fit interrupted by Ctrl+C (about 12 s)
-def test_ctrl_c_stops_every_rank_and_the_run_says_interrupted(tmp_path):
+def _signal_stalled_run(tmp_path: Path, send: Callable[[int], None], expected: int, timeout: float) -> None:
+    """A stalled 2-process run (`_stalled`) gets a signal through ``send(rank 0's pid)``: it exits with ``expected``,
+    rank 1 is gone and ``metrics.json`` says ``interrupted`` with task 0's row."""
     process, child = _stalled(tmp_path, new_session=True)
     try:
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl+C in a terminal does: every process of the group
-        output = _finish(process, timeout=60)
-        assert process.returncode == 1, output[-3000:]
+        send(process.pid)
+        output = _finish(process, timeout=timeout)
+        assert process.returncode == expected, output[-3000:]
         assert not _alive(child)
         result = json.loads((tmp_path / "run" / "metrics.json").read_text())
         assert result["status"] == "interrupted" and result["filled_rows"] == [0]
@@ -239,24 +241,19 @@ def test_ctrl_c_stops_every_rank_and_the_run_says_interrupted(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
+
+
+@pytest.mark.slow  # a 2-process cdl fit interrupted by Ctrl+C (about 12 s)
+def test_ctrl_c_stops_every_rank_and_the_run_says_interrupted(tmp_path):
+    # what Ctrl+C in a terminal does: SIGINT to every process of the group
+    _signal_stalled_run(tmp_path, lambda pid: os.killpg(pid, signal.SIGINT), expected=1, timeout=60)
 
 
 @pytest.mark.slow  # a 2-process cdl fit stopped by SIGTERM to rank 0 alone (about 15 s)
 def test_sigterm_to_rank_zero_stops_every_rank_with_status_143(tmp_path):
     """``kill PID`` / ``timeout`` / a batch system's time limit: rank 0 passes the SIGTERM on (Lightning's own handler
     would otherwise wait for the others in a collective), the run exits 143, never 0, and says ``interrupted``."""
-    process, child = _stalled(tmp_path, new_session=True)
-    try:
-        os.kill(process.pid, signal.SIGTERM)
-        output = _finish(process, timeout=90)
-        assert process.returncode == 143, output[-3000:]
-        assert not _alive(child)
-        result = json.loads((tmp_path / "run" / "metrics.json").read_text())
-        assert result["status"] == "interrupted" and result["filled_rows"] == [0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+    _signal_stalled_run(tmp_path, lambda pid: os.kill(pid, signal.SIGTERM), expected=143, timeout=90)
 
 
 SLOW_RANK_ZERO = '''

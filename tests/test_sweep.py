@@ -169,6 +169,23 @@ def test_runs_per_gpu_fills_each_gpu(tmp_path, monkeypatch):
         assert stop.value.code == 2
 
 
+def test_seeds_and_learners_slice_the_grid(tmp_path, monkeypatch, capsys):
+    """``--seeds 3,4 --learners l2p``: the same grid restricted (same run folders); an unknown learner is refused."""
+    import cdl_lightning.sweep as sweep
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda spec, gpus, dry_run=False, stop_after=None: seen.update(spec) or [])
+    monkeypatch.setattr(sweep, "summarise", lambda spec, runs: {"markdown": ""})
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_file(tmp_path, ["coda", "l2p"], ["none"], [0])
+    main(["sweep", str(path), "--seeds", "3,4", "--learners", "l2p"])
+    assert seen["seeds"] == [3, 4] and list(seen["learners"]) == ["l2p"]
+    for bad in (["--learners", "dual"], ["--seeds", "one"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["sweep", str(path), *bad])
+        assert stop.value.code == 2
+
+
 def test_diagonal_summary_against_chance():
     """Mean diagonal and the smallest diagonal / chance ratio, chance = 100 / classes seen after each task."""
     from cdl_lightning.sweep import diagonal_summary

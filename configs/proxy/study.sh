@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole proxy study on one GPU, from the repository root: pretrain the two backbones (cached), pack the 100
 # continual classes, then the sweep (resumable: run again to continue). SEEDS picks a slice of the sweep file's
-# seeds (e.g. SEEDS=0 for seed 0 only; the full study is the default); RUNS_AT_ONCE runs that many at a time on GPU 0;
+# seeds (cdl sweep --seeds, e.g. SEEDS=0 for seed 0 only; the full study is the default); RUNS_AT_ONCE runs that many at a time on GPU 0;
 # STOP_AFTER=SECONDS starts no run after that long (cdl sweep --stop-after; the same command continues).
 #   bash configs/proxy/study.sh
 set -euo pipefail
@@ -15,11 +15,7 @@ start=$(date +%s)
 NPZ=$NPZ CDL=$CDL bash configs/proxy/pretrain.sh
 echo "pretraining: $(( $(date +%s) - start )) s"
 [ -f "$PACKED" ] || $CDL pack "$NPZ" "$PACKED" --classes '{seed: 0, start: 102}'
-sweep=configs/proxy/sweep_packed.yaml
-if [ -n "${SEEDS:-}" ]; then  # a slice of the seeds: the same run folders
-    sweep=runs/proxy/sweep_seeds_${SEEDS//,/_}.yaml
-    sed "s/^seeds: .*/seeds: [$SEEDS]/" configs/proxy/sweep_packed.yaml > "$sweep"
-fi
 start=$(date +%s)
-$CDL sweep "$sweep" --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
+$CDL sweep configs/proxy/sweep_packed.yaml --gpus 0 --runs-per-gpu "$RUNS_AT_ONCE" ${SEEDS:+--seeds "$SEEDS"} \
+    ${STOP_AFTER:+--stop-after "$STOP_AFTER"}
 echo "sweep: $(( $(date +%s) - start )) s"
