@@ -1,5 +1,5 @@
 """Put the flat ``LEARNER_seedS_METHOD_metrics.json`` files that `proxy_device_call.sh` brings back (its
-``results.tgz``, or a folder of them such as ``configs/proxy/measured/s4_h200_seed0``) into a sweep's run folders
+``results.tgz``, or a folder of them such as ``configs/proxy/measured/s5_h200_seed0``) into a sweep's run folders
 ``OUT/LEARNER/seedS/METHOD/metrics.json``, so that ``cdl sweep SWEEP --table-only --out OUT`` tables them with the
 others. Unfinished runs (``status`` not ``complete``) are skipped. OUT is a folder of its own (default
 ``runs/sweeps/proxy-gathered``), not the sweep's run folders: there a teacher with a metrics.json but no checkpoint

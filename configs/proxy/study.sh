@@ -7,7 +7,7 @@
 set -euo pipefail
 NPZ=${NPZ:-../shared/data/tiny-imagenet-32.npz}
 CDL=${CDL:-cdl}
-RUNS_AT_ONCE=${RUNS_AT_ONCE:-6}
+RUNS_AT_ONCE=${RUNS_AT_ONCE:-8}
 PACKED=runs/proxy/tiny-imagenet-proxy-cl.npz
 ${PYTHON:-python3} -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
     echo "study.sh: warning: no CUDA GPU here; the pretraining and the 72 runs take many hours on a CPU" >&2
