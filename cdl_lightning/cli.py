@@ -9,9 +9,11 @@ shows the traceback. A diverged run (`DivergenceError`) stops with exit status 1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import os
 import re
 import signal
@@ -39,6 +41,7 @@ from cdl_lightning.data import ContinualDataModule
 from cdl_lightning.errors import UserError
 from cdl_lightning.launch import is_started_rank, local_ranks, startup_mark
 from cdl_lightning.models import PromptLearner
+from cdl_lightning.nn.vit import BackboneConfig
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module whose `main(argv)` runs it, one line of help). One line per subcommand, in the order shown.
@@ -203,6 +206,40 @@ def expand_config_args(args: list[str]) -> list[str]:
     return out
 
 
+_NULLS = ("null", "none", "~")
+
+
+def null_backbone_fields(args: list[str]) -> list[str]:
+    """Rewrite ``--KEY.backbone.FIELD null`` (or ``=null``; any key ending in ``backbone``, e.g. ``query_backbone``)
+    as ``--KEY.backbone={"FIELD": null}``.
+
+    jsonargparse (checked with 4.53.0) turns ``null`` given to one field of a dataclass nested in a subclass's
+    ``init_args`` into the *string* ``'None'``: ``checkpoint_path null`` would look for a file named ``None``. The
+    dict form sets the field to ``None`` and keeps the dataclass's other fields.
+    """
+    fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+
+    def nested(key: str) -> tuple[str, str] | None:
+        parent, _, field = key.rpartition(".")
+        return (parent, field) if parent.rpartition(".")[2].endswith("backbone") and field in fields else None
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if not eq and i + 1 < len(args):
+            value = args[i + 1]
+        target = nested(key[2:]) if key.startswith("--") and value.lower() in _NULLS else None
+        if target is None:
+            out.append(arg)
+            i += 1
+            continue
+        out.append(f"--{target[0]}={json.dumps({target[1]: None})}")
+        i += 1 if eq else 2
+    return out
+
+
 def usage() -> str:
     """``cdl --help``: every subcommand with one line of help."""
     names = {**LIGHTNING_SUBCOMMANDS, **{name: text for name, (_, text) in SUBCOMMANDS.items()}}
@@ -336,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                 if subcommand in SUBCOMMANDS:
                     importlib.import_module(SUBCOMMANDS[subcommand][0]).main(argv[1:])
                     return
-                args = expand_config_args(argv)
+                args = null_backbone_fields(expand_config_args(argv))
                 refuse_optimizer_options(args)
                 cli_main(args)
             except SIGTERMException:  # Lightning's stop on SIGTERM is a SystemExit with status 0: not a finished run

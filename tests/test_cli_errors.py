@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 
 from cdl_lightning.cli import main
@@ -137,3 +138,17 @@ def test_no_argv_warning(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(["fit", *options(tmp_path), "--print_config"])
     assert not [w for w in caught if "intended to run from within Python" in str(w.message)]
+
+
+@pytest.mark.parametrize("null", [["null"], ["None"], ["=null"]])
+def test_null_for_one_backbone_field_on_the_command_line_is_none(tmp_path, capsys, null):
+    """``--model.init_args.backbone.checkpoint_path null`` unsets the demo's weights file (jsonargparse alone would
+    pass the string 'None' and the run would look for a file of that name); the backbone's other fields stay."""
+    key = "--model.init_args.backbone.checkpoint_path"
+    override = [key + null[0]] if null[0].startswith("=") else [key, *null]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "demo.yaml"), *override, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    backbone = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["backbone"]
+    assert backbone["checkpoint_path"] is None
+    assert backbone["name"] == "vit_tiny_patch16_224" and backbone["model_kwargs"]["embed_dim"] == 96
