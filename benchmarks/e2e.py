@@ -190,6 +190,84 @@ def _timer_class() -> type:
     return PhaseTimer
 
 
+def _profiler_class() -> type:
+    from lightning.pytorch import Callback
+
+    class StepProfiler(Callback):
+        """`torch.profiler` over training batches ``[at, at + steps)`` of the real loop (counted over the whole fit)
+        with the step boundaries marked: where a step's wall time goes when the loop, not the model, is the limit.
+
+        Prints per step the wall time, the GPU kernel time and the GPU idle time (wall minus the union of kernel
+        intervals), the top host operators by self CPU time and the host-device synchronisations; writes a Chrome
+        trace (``.json.gz``) when ``trace`` is given."""
+
+        def __init__(self, at: int, steps: int, trace: str | None) -> None:
+            self.at, self.steps, self.trace = at, steps, trace
+            self.seen = 0
+            self.profiler: Any = None
+            self.marks: list[float] = []
+            self.summary: dict[str, Any] = {}
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            if self.seen == self.at and trainer.global_rank == 0:
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+            if self.profiler is not None:
+                self.marks.append(time.perf_counter())
+                if len(self.marks) == self.steps + 1:
+                    self._stop()
+            self.seen += 1
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.profiler is not None:  # the epoch ended first: profile what was recorded
+                self.marks.append(time.perf_counter())
+                self._stop()
+
+        def _stop(self) -> None:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            prof, self.profiler = self.profiler, None
+            steps = len(self.marks) - 1
+            wall_ms = (self.marks[-1] - self.marks[0]) * 1e3 / max(steps, 1)
+            events = prof.events()
+            kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+            union, end = 0.0, float("-inf")
+            for a, b in kernels:  # microseconds; overlapping kernels (several streams) counted once
+                if b > end:
+                    union += b - max(a, end)
+                    end = b
+            syncs = {}
+            for e in events:
+                if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+                              "cudaMemcpyAsync", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"):
+                    syncs[e.name] = syncs.get(e.name, 0) + 1
+            gpu_ms = union / 1e3 / max(steps, 1)
+            self.summary = {"steps": steps, "wall_ms_per_step": round(wall_ms, 3), "gpu_kernel_ms_per_step":
+                            round(gpu_ms, 3), "gpu_idle_ms_per_step": round(wall_ms - gpu_ms, 3),
+                            "kernels_per_step": round(len(kernels) / max(steps, 1), 1),
+                            "host_device_calls_per_step": {k: round(v / max(steps, 1), 2) for k, v in syncs.items()}}
+            print(f"profile of training batches {self.at}..{self.at + steps - 1}: {json.dumps(self.summary)}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+            if self.trace:
+                import gzip
+
+                raw = Path(self.trace).with_suffix("")
+                prof.export_chrome_trace(str(raw))
+                with open(raw, "rb") as src, gzip.open(self.trace, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                raw.unlink()
+
+    return StepProfiler
+
+
 def measure_step_rate(model: Any, trainer: Any, datamodule: Any, warmup: int, steps: int) -> float:
     """img/s of the fitted model's training step (throughput.py's ``time_ms``), on one random batch of the last
     task's labels at the data module's batch and image size, under the trainer's autocast."""
@@ -323,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-steps", type=int, default=30)
     parser.add_argument("--out", default="runs/e2e", help="run directory (logs, checkpoints, metrics)")
     parser.add_argument("--json", help="also write the result JSON here (rank 0)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="torch.profiler over this many training "
+                        "batches of the real loop (rank 0): per-step wall / GPU kernel / GPU idle ms, top host ops")
+    parser.add_argument("--profile-at", type=int, default=200, help="the first profiled training batch (counted "
+                        "over the whole fit, after warm-up and graph captures)")
+    parser.add_argument("--profile-trace", help="with --profile-steps: also write a Chrome trace here (.json.gz)")
     args = parser.parse_args(argv)
     if args.num_tasks is None:
         args.num_tasks = 2 if args.tiny else 10
@@ -333,12 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     from cdl_lightning import cli
 
     timer = _timer_class()(start, args.sync_debug)
+    profiler = None
+    if args.profile_steps:
+        profiler = _profiler_class()(args.profile_at, args.profile_steps, args.profile_trace)
     captured: dict[str, Any] = {}
     instantiate = cli.CDLCLI.instantiate_trainer
 
     def instantiate_with_timer(self: Any, **kwargs: Any) -> Any:
         trainer = instantiate(self, **kwargs)
         trainer.callbacks.insert(0, timer)
+        if profiler is not None:
+            trainer.callbacks.insert(1, profiler)
         captured["cli"], captured["trainer"] = self, trainer
         return trainer
 
@@ -360,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         result["gpu"] = torch.cuda.get_device_name(trainer.strategy.root_device)
+    if profiler is not None and profiler.summary:
+        result["profile"] = profiler.summary
     result = report(result, step_rate, trainer.world_size)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

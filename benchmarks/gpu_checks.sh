@@ -10,6 +10,8 @@
 #   e2e2    benchmarks/e2e.py on 2 GPUs (DDP): the same teacher run, with the 1-GPU step rate from e2e1
 #   e2e2s   e2e2 with Lightning's per-step DDP SIGTERM check (a host sync) thinned to every 50 steps
 #           (cdl_lightning.callbacks.SigtermCheck): the same matrix is expected, the speed is the question
+#   prof1   e2e1 as 2 tasks of 50 classes, each run with --profile-steps 20 --profile-at 100 (torch.profiler inside the
+#           real loop: per-step wall / GPU kernel / GPU idle ms, host-device calls, top host ops; Chrome traces .json.gz)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
@@ -65,6 +67,16 @@ for part in $PARTS; do
         --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" --json "$OUT/e2e_student_1gpu.json" --no-progress-bar \
         "${CLI[@]}" > "$OUT/e2e_student_1gpu.log" 2>&1
       keep; tail -12 "$OUT/e2e_student_1gpu.log" ;;
+    prof1)
+      for model in coda-b kdp-b-s; do
+        note "e2e profile: $model, 1 GPU, 2 tasks"
+        teacher=(); [ "$model" = kdp-b-s ] && teacher=(--teacher "$RUNS/prof1/coda-b/checkpoints/last.ckpt")
+        CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --num-tasks 2 --model "$model" --out "$RUNS/prof1" \
+          "${teacher[@]}" --no-step --no-progress-bar --profile-steps 20 --profile-at 100 \
+          --profile-trace "$OUT/profile_$model.json.gz" --json "$OUT/profile_$model.json" "${CLI[@]}" \
+          > "$OUT/profile_$model.log" 2>&1
+        keep; grep -A30 "^profile of" "$OUT/profile_$model.log" | head -32
+      done ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
       cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;

@@ -1,5 +1,6 @@
 """benchmarks/e2e.py --tiny: the real `cdl fit` with the phase timer, on CPU, as CI runs it."""
 
+import gzip
 import json
 import math
 import os
@@ -22,7 +23,8 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     begin = time.time()
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/e2e.py"), "--tiny", "--no-step", "--no-progress-bar",
-         "--out", str(tmp_path / "runs"), "--json", str(out), "--", "--evaluation.print_table", "false"],
+         "--out", str(tmp_path / "runs"), "--json", str(out), "--profile-steps", "3", "--profile-at", "2",
+         "--profile-trace", str(tmp_path / "trace.json.gz"), "--", "--evaluation.print_table", "false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     outer_wall = time.time() - begin
@@ -46,3 +48,12 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     assert result["fraction_of_step_rate"] is None  # --no-step
     printed = next(line for line in run.stdout.splitlines() if line.startswith('{"bench": "cdl-e2e"'))
     assert json.loads(printed)["seconds"] == seconds
+    # --profile-steps: training batches 2, 3, 4 profiled (no GPU here: no kernel time, all of the step is "idle")
+    profile = result["profile"]
+    assert profile["steps"] == 3 and profile["kernels_per_step"] == 0 and profile["gpu_kernel_ms_per_step"] == 0
+    assert 0 < profile["wall_ms_per_step"] < 1e3 * seconds["train"]
+    assert profile["gpu_idle_ms_per_step"] == profile["wall_ms_per_step"]
+    assert "profile of training batches 2..4" in run.stdout
+    with gzip.open(tmp_path / "trace.json.gz", "rt") as trace:
+        names = {event.get("name") for event in json.load(trace)["traceEvents"]}
+    assert "Optimizer.step#Adam.step" in names  # the profiled window holds whole optimizer steps

@@ -332,10 +332,12 @@ class PromptLearner(LightningModule):
                            else f"task loss ({type(self.method).__name__}: cross-entropy + distillation)":
                            task_loss.detach(), "prompt loss": student.prompt_loss.detach()}
         batch_size = images.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # never prog_bar=True: Lightning then reads the value with .item() after every step, a sync that leaves the GPU
+        # idle while the next step is queued; `ThrottledRichProgressBar` shows the loss and the task without it
+        self.log("train/loss", loss, batch_size=batch_size)
         self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
         # filled on the device: a Python float would be copied to it, and that copy waits for the GPU every step
-        self.log("train/task", torch.full((), float(task), device=loss.device), prog_bar=True, batch_size=batch_size)
+        self.log("train/task", torch.full((), float(task), device=loss.device), batch_size=batch_size)
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor], task: int) -> dict[str, Tensor]:
