@@ -62,11 +62,13 @@ def _sweep_file(tmp_path: Path, learners: list[str], methods: list[str], seeds: 
     return path
 
 
-@pytest.mark.slow  # 12 cdl fit subprocesses, then a rerun (about 110 s on 2 cores)
+@pytest.mark.slow  # 12 cdl fit subprocesses, two at a time, then a rerun (about 55 s on 2 cores)
 def test_sweep_grid_table_and_skip(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep = _sweep_file(tmp_path, ["coda", "l2p"], ["none", "kd"], [0, 1])
-    main(["sweep", str(sweep)])
+    # `--gpus 0,0`: two runs at a time (the configs say accelerator cpu; the device id only sets CUDA_VISIBLE_DEVICES)
+    main(["sweep", str(sweep), "--gpus", "0,0"])
     out = tmp_path / "sweep"
     result = json.loads((out / "runs.json").read_text())
     runs = result["runs"]
