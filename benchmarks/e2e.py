@@ -237,8 +237,16 @@ def _profiler_class() -> type:
             steps = len(self.marks) - 1
             wall_ms = (self.marks[-1] - self.marks[0]) * 1e3 / max(steps, 1)
             events = prof.events()
-            kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+            # device activity: kernels, copies and memsets (not the GPU-side spans of record_function annotations,
+            # which cover whole steps)
+            def device_work(e: Any) -> bool:
+                kind = getattr(e, "activity_type", None)  # kineto's category (torch >= 2.8), as in the Chrome trace
+                if kind is not None:
+                    return kind in ("kernel", "gpu_memcpy", "gpu_memset")
+                return (getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                        and not getattr(e, "is_user_annotation", False))
+
+            kernels = sorted((e.time_range.start, e.time_range.end) for e in events if device_work(e))
             union, end = 0.0, float("-inf")
             for a, b in kernels:  # microseconds; overlapping kernels (several streams) counted once
                 if b > end:

@@ -21,8 +21,8 @@ class ThrottledRichProgressBar(RichProgressBar):
     whatever the bar does: Lightning's logger connector converts each such tensor to a Python number with ``.item()``
     after every batch (``_ResultCollection.metrics``), which waits for the GPU to finish the step, so the host cannot
     queue the next step while the GPU runs this one (profiled on one H200 in a ViT-B CODA fit with
-    `benchmarks/e2e.py --profile-steps`: that wait averaged 3.3 ms per step of 28 ms of GPU work, and the GPU
-    idled 3.8 ms per step). The library's modules therefore log their training loss without ``prog_bar``; this bar
+    `benchmarks/e2e.py --profile-steps`: that wait averaged 3.3 ms per step of 27 ms of GPU work, and the GPU
+    idled 5.0 ms per step). The library's modules therefore log their training loss without ``prog_bar``; this bar
     shows the ``metrics`` named here from ``trainer.callback_metrics`` (device tensors, converted only when the bar
     is drawn) and the module's ``current_task`` (a Python int, if it has one). The bar (count and metrics) moves on
     the first batch, every ``update_every``-th batch and the last one; validation and the rest behave as in the
