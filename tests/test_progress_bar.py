@@ -50,3 +50,20 @@ def test_the_bar_reads_only_the_named_metrics_and_checks_its_arguments():
     assert ThrottledRichProgressBar().metrics == ["train/loss"]
     assert ThrottledRichProgressBar(metrics=("train/loss", "train/prompt_loss")).metrics == [
         "train/loss", "train/prompt_loss"]
+
+
+def test_the_training_metrics_reach_the_logger_at_the_same_steps(tmp_path):
+    """The loss is logged every step, the prompt loss and the task only on the steps the logger writes
+    (``log_every_n_steps``): TensorBoard holds all three at exactly the same steps, with the task of each step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(small_coda_fit_args(tmp_path, "--trainer.log_every_n_steps", "3"))
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    scalars = {tag: events.Scalars(tag) for tag in ("train/loss", "train/prompt_loss", "train/task")}
+    steps = [e.step for e in scalars["train/loss"]]
+    # 3 tasks x 2 epochs x 4 batches = 24 steps; Lightning writes every third
+    assert steps == [2, 5, 8, 11, 14, 17, 20, 23]
+    assert [e.step for e in scalars["train/prompt_loss"]] == steps
+    assert [e.step for e in scalars["train/task"]] == steps
+    assert [e.value for e in scalars["train/task"]] == [step // 8 for step in steps]  # 8 steps per task
+    assert all(math.isfinite(e.value) for e in scalars["train/prompt_loss"])

@@ -333,12 +333,26 @@ class PromptLearner(LightningModule):
                            task_loss.detach(), "prompt loss": student.prompt_loss.detach()}
         batch_size = images.shape[0]
         # never prog_bar=True: Lightning then reads the value with .item() after every step, a sync that leaves the GPU
-        # idle while the next step is queued; `ThrottledRichProgressBar` shows the loss and the task without it
+        # idle while the next step is queued; `ThrottledRichProgressBar` shows the loss and the task without it.
+        # The loss every step (callback_metrics: the bar, checkpoint monitors); the rest only on the steps the logger
+        # writes (each self.log costs about 1 ms of host time, and the logger keeps only those steps anyway)
         self.log("train/loss", loss, batch_size=batch_size)
-        self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
-        # filled on the device: a Python float would be copied to it, and that copy waits for the GPU every step
-        self.log("train/task", torch.full((), float(task), device=loss.device), batch_size=batch_size)
+        if self._logger_writes_this_step():
+            self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
+            # filled on the device: a Python float would be copied to it, and that copy waits for the GPU
+            self.log("train/task", torch.full((), float(task), device=loss.device), batch_size=batch_size)
         return loss
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether the trainer's loggers write this training step's metrics (``log_every_n_steps``; Lightning's own
+        test, ``_LoggerConnector.should_update_logs``); ``True`` when it cannot tell (no trainer, another version)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        try:
+            return bool(trainer._logger_connector.should_update_logs)
+        except (AttributeError, NotImplementedError):
+            return True
 
     def _eval_step(self, batch: tuple[Tensor, Tensor, Tensor], task: int) -> dict[str, Tensor]:
         images, targets, task_ids = batch
