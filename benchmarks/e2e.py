@@ -197,9 +197,11 @@ def _profiler_class() -> type:
         """`torch.profiler` over training batches ``[at, at + steps)`` of the real loop (counted over the whole fit)
         with the step boundaries marked: where a step's wall time goes when the loop, not the model, is the limit.
 
-        Prints per step the wall time, the GPU kernel time and the GPU idle time (wall minus the union of kernel
-        intervals), the top host operators by self CPU time and the host-device synchronisations; writes a Chrome
-        trace (``.json.gz``) when ``trace`` is given."""
+        Prints per step the wall time, the GPU busy time (the union of kernel, copy and memset intervals) and the GPU
+        idle time (wall minus busy), the calls that may synchronise (``cudaStreamSynchronize`` & co. are the ones
+        that did; ``aten::item`` also counts reads of CPU tensors, ``cudaMemcpyAsync`` device-to-device copies), then
+        the top host operators by self CPU time; writes a Chrome trace (``.json.gz``) when ``trace`` is given. A
+        window reaching the epoch's last batch stops there (``cut_at_epoch_end``), before validation."""
 
         def __init__(self, at: int, steps: int, trace: str | None) -> None:
             self.at, self.steps, self.trace = at, steps, trace
@@ -222,9 +224,13 @@ def _profiler_class() -> type:
                     self._stop()
             self.seen += 1
 
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if self.profiler is not None:  # the epoch ended first: profile what was recorded
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            total = trainer.num_training_batches
+            if self.profiler is not None and isinstance(total, int) and batch_idx + 1 >= total:
+                # the epoch's last batch: stop here, before validation, checkpoints and the epoch-end hooks (the
+                # last step then lacks only the host time between steps)
                 self.marks.append(time.perf_counter())
+                self.summary["cut_at_epoch_end"] = True
                 self._stop()
 
         def _stop(self) -> None:
@@ -258,10 +264,13 @@ def _profiler_class() -> type:
                               "cudaMemcpyAsync", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"):
                     syncs[e.name] = syncs.get(e.name, 0) + 1
             gpu_ms = union / 1e3 / max(steps, 1)
-            self.summary = {"steps": steps, "wall_ms_per_step": round(wall_ms, 3), "gpu_kernel_ms_per_step":
-                            round(gpu_ms, 3), "gpu_idle_ms_per_step": round(wall_ms - gpu_ms, 3),
-                            "kernels_per_step": round(len(kernels) / max(steps, 1), 1),
-                            "host_device_calls_per_step": {k: round(v / max(steps, 1), 2) for k, v in syncs.items()}}
+            per_step = max(steps, 1)
+            self.summary = {
+                **self.summary, "steps": steps, "wall_ms_per_step": round(wall_ms, 3),
+                "gpu_busy_ms_per_step": round(gpu_ms, 3), "gpu_idle_ms_per_step": round(wall_ms - gpu_ms, 3),
+                "kernels_per_step": round(len(kernels) / per_step, 1),
+                "sync_related_calls_per_step": {k: round(v / per_step, 2) for k, v in syncs.items()},
+            }
             print(f"profile of training batches {self.at}..{self.at + steps - 1}: {json.dumps(self.summary)}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
             if self.trace:
@@ -415,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                         "over the whole fit, after warm-up and graph captures)")
     parser.add_argument("--profile-trace", help="with --profile-steps: also write a Chrome trace here (.json.gz)")
     args = parser.parse_args(argv)
+    if args.profile_trace and not args.profile_trace.endswith(".json.gz"):
+        parser.error(f"--profile-trace {args.profile_trace!r}: the trace is written gzipped; give a FILE.json.gz")
+    if args.profile_steps < 0 or args.profile_at < 0:
+        parser.error("--profile-steps and --profile-at must be >= 0")
     if args.num_tasks is None:
         args.num_tasks = 2 if args.tiny else 10
     if args.tiny:

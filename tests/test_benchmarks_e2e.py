@@ -19,11 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # a benchmark subprocess run (about 14 s)
 def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     out = tmp_path / "result.json"
+    dm = ContinualDataModule(SyntheticShapes(), num_tasks=2)
+    per_task = [len(dm.task_dataset("train", t)) for t in range(2)]
+    first_epoch = math.ceil(per_task[0] / 16)  # batches of 16
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     begin = time.time()
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/e2e.py"), "--tiny", "--no-step", "--no-progress-bar",
-         "--out", str(tmp_path / "runs"), "--json", str(out), "--profile-steps", "3", "--profile-at", "2",
+         "--out", str(tmp_path / "runs"), "--json", str(out), "--profile-steps", "5",
+         "--profile-at", str(first_epoch - 3),
          "--profile-trace", str(tmp_path / "trace.json.gz"), "--", "--evaluation.print_table", "false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -40,20 +44,20 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     assert seconds["startup"] > 0 and seconds["train"] > 0 and seconds["validation"] > 0
     assert seconds["checkpoint"] > 0  # last.ckpt is written every epoch
     # every training image of the 2 tasks went through exactly one step, in batches of 16
-    dm = ContinualDataModule(SyntheticShapes(), num_tasks=2)
-    per_task = [len(dm.task_dataset("train", t)) for t in range(2)]
     assert result["train_images"] == sum(per_task)
     assert result["train_batches"] == sum(math.ceil(n / 16) for n in per_task)
     assert result["train_img_per_s"] == round(sum(per_task) / seconds["train"], 1)
     assert result["fraction_of_step_rate"] is None  # --no-step
     printed = next(line for line in run.stdout.splitlines() if line.startswith('{"bench": "cdl-e2e"'))
     assert json.loads(printed)["seconds"] == seconds
-    # --profile-steps: training batches 2, 3, 4 profiled (no GPU here: no kernel time, all of the step is "idle")
+    # --profile-steps 5 from the first epoch's third-last batch: cut at its last batch, before validation, so 3
+    # steps (no GPU here: no kernel time, all of the step is "idle")
     profile = result["profile"]
-    assert profile["steps"] == 3 and profile["kernels_per_step"] == 0 and profile["gpu_kernel_ms_per_step"] == 0
+    assert profile["steps"] == 3 and profile["cut_at_epoch_end"] is True
+    assert profile["kernels_per_step"] == 0 and profile["gpu_busy_ms_per_step"] == 0
     assert 0 < profile["wall_ms_per_step"] < 1e3 * seconds["train"]
     assert profile["gpu_idle_ms_per_step"] == profile["wall_ms_per_step"]
-    assert "profile of training batches 2..4" in run.stdout
+    assert f"profile of training batches {first_epoch - 3}..{first_epoch - 1}" in run.stdout
     with gzip.open(tmp_path / "trace.json.gz", "rt") as trace:
         names = {event.get("name") for event in json.load(trace)["traceEvents"]}
     assert "Optimizer.step#Adam.step" in names  # the profiled window holds whole optimizer steps

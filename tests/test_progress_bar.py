@@ -8,7 +8,7 @@ import lightning.pytorch.trainer.connectors.logger_connector.result as lightning
 import pytest
 from _cli_helpers import small_coda_fit_args
 
-from cdl_lightning.callbacks.progress import ThrottledRichProgressBar
+from cdl_lightning.callbacks import ThrottledRichProgressBar
 from cdl_lightning.cli import main
 
 

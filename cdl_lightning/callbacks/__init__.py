@@ -3,6 +3,7 @@
 from cdl_lightning.callbacks.checkpoint import RunCheckpoint
 from cdl_lightning.callbacks.continual_evaluation import ContinualEvaluation, OutputAdapter
 from cdl_lightning.callbacks.divergence import DivergenceCheck, DivergenceError
+from cdl_lightning.callbacks.progress import ThrottledRichProgressBar
 from cdl_lightning.callbacks.rng_state import RNGStateCallback
 from cdl_lightning.callbacks.sigterm import SigtermCheck
 
@@ -14,4 +15,5 @@ __all__ = [
     "RNGStateCallback",
     "RunCheckpoint",
     "SigtermCheck",
+    "ThrottledRichProgressBar",
 ]

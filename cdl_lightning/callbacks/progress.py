@@ -26,7 +26,8 @@ class ThrottledRichProgressBar(RichProgressBar):
     shows the ``metrics`` named here from ``trainer.callback_metrics`` (device tensors, converted only when the bar
     is drawn) and the module's ``current_task`` (a Python int, if it has one). The bar (count and metrics) moves on
     the first batch, every ``update_every``-th batch and the last one; validation and the rest behave as in the
-    stock bar.
+    stock bar. ``cdl fit`` adds it unless the config names another bar; in a `Trainer` of your own, pass it in
+    ``callbacks`` to see the loss (Lightning's default bar shows only ``prog_bar`` metrics).
 
     Args:
         update_every: training batches between updates (1 = the stock behaviour).
