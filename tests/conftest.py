@@ -44,6 +44,20 @@ def shared_pack() -> Callable[[str], Path]:
     return shared_pack_path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def decode_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`NpzSource`'s decoded-image cache (``decode_cache="auto"``) goes to a folder of this test session, not the
+    user's ``~/.cache``; subprocesses inherit it through ``CDL_CACHE_DIR``."""
+    folder = tmp_path_factory.mktemp("cdl-cache")
+    previous = os.environ.get("CDL_CACHE_DIR")
+    os.environ["CDL_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("CDL_CACHE_DIR", None)
+    else:
+        os.environ["CDL_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def isolated_cwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Run the test in a fresh empty working directory and fail it if it leaves anything there."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,50 @@ def test_cdl_pack_subsets_an_existing_pack_without_re_encoding(tmp_path, capsys)
     assert part.class_names == expected.class_names == [names[c] for c in np.random.default_rng(0).permutation(5)[2:]]
     assert np.array_equal(part.arrays("train")[0], expected.arrays("train")[0])  # the same WebP bytes, decoded
     assert np.array_equal(part.labels("test"), expected.labels("test")) and part.meta["format"] == "original"
+
+
+def test_decoded_images_are_cached_on_disk_bit_for_bit(tmp_path, monkeypatch):
+    """An encoded split is decoded once: the next source (another process in practice) loads the cached ``.npy``,
+    the same arrays; a cache file cut short is decoded again and rewritten; ``decode_cache=None`` writes nothing."""
+    import cdl_lightning.data.npz as npz
+
+    train, test = _fashion_like(60, 0), _fashion_like(20, 1)
+    path = str(pack_arrays(tmp_path / "f.npz", train, test, names=["a", "b", "c", "d", "e"], format="webp"))
+    cache = tmp_path / "cache"
+    selection = ["e", "a"]  # a class selection decodes per source (no process-wide reuse of the full split)
+    first = NpzSource(path, classes=selection, decode_cache=str(cache)).arrays("train")[0]
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 1 and not list(cache.glob(".tmp-*"))
+    assert np.array_equal(np.load(files[0]), first)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(npz, "decode_images", no_decoding)
+        again = NpzSource(path, classes=selection, decode_cache=str(cache)).arrays("train")[0]
+    assert again.dtype == np.uint8 and np.array_equal(again, first)
+    # another selection is other images: another file
+    NpzSource(path, classes=["b"], decode_cache=str(cache)).arrays("train")
+    assert len(list(cache.glob("*.npy"))) == 2
+    # a file cut short (a crash while writing outside our atomic rename, a full disk) is decoded and rewritten
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    assert np.array_equal(NpzSource(path, classes=selection, decode_cache=str(cache)).arrays("train")[0], first)
+    assert np.array_equal(np.load(files[0]), first)
+    # no cache, or a split above the size limit: nothing written
+    NpzSource(path, classes=["c"], decode_cache=None).arrays("train")
+    NpzSource(path, classes=["d"], decode_cache=str(cache), decode_cache_max_gb=0).arrays("train")
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_an_unwritable_decode_cache_warns_once_and_decodes(tmp_path):
+    train, test = _fashion_like(20, 0), _fashion_like(10, 1)
+    path = str(pack_arrays(tmp_path / "f.npz", train, test))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="cannot write the decoded-image cache"):
+        images = NpzSource(path, classes=[0, 1], decode_cache=str(blocker / "cache")).arrays("train")[0]
+    assert images.shape == (8, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: silent
+        NpzSource(path, classes=[2], decode_cache=str(blocker / "cache")).arrays("train")

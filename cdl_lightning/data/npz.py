@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
+import tempfile
+import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,7 +20,7 @@ from cdl_lightning.data.folder import to_rgb
 from cdl_lightning.data.source import ArraySource, Split, check_labels
 from cdl_lightning.data.splits import ClassSelection
 
-__all__ = ["NpzSource", "decode_images", "images_to_nchw"]
+__all__ = ["NpzSource", "decode_cache_dir", "decode_images", "images_to_nchw"]
 
 # Decoded packs, shared by every NpzSource of the process: {(path, mtime, split): (images, labels)}.
 _DECODED: dict[tuple[str, float, str], tuple[np.ndarray, np.ndarray]] = {}
@@ -45,9 +49,17 @@ class NpzSource(ArraySource):
     Construction checks, without reading the images: every split's arrays exist, image / offset and label counts agree,
     image arrays are uint8 of a supported shape, labels are integers that index the class names.
 
+    Decoded images of an encoded split are also cached on disk (``decode_cache``), keyed by a hash of the encoded
+    bytes: the next process that reads the same images (the next run of a sweep, another DDP rank, a resumed run)
+    loads a ``.npy`` instead of decoding again. Same arrays, bit for bit; delete the folder to reclaim the space.
+
     Args:
         path: The ``.npz`` file.
         decode_workers: Processes used to decode an encoded split (0: decode in this process).
+        decode_cache: Folder of the decoded-image cache: ``"auto"`` = ``$CDL_CACHE_DIR/decoded`` or
+            ``~/.cache/cdl-lightning/decoded``; ``None`` = no disk cache. Splits whose decoded images exceed
+            ``decode_cache_max_gb`` are not cached; a cache that cannot be written warns once and is skipped.
+        decode_cache_max_gb: Largest decoded split (GiB) written to the cache.
         classes: Keep only these classes: names, wnids (when the file has ``wnids``), the part of a name before its
             first comma (``goldfish``) when unique, or indices; or a seeded random subset
             (``{random: 20, seed: 0}``, ``{seed: 0, start: 102, stop: 202}``); see
@@ -58,10 +70,19 @@ class NpzSource(ArraySource):
         ValueError: The file lacks the arrays of a split, or they disagree (the message names the file and split).
     """
 
-    def __init__(self, path: str, decode_workers: int = 0, classes: ClassSelection | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        decode_workers: int = 0,
+        classes: ClassSelection | None = None,
+        decode_cache: str | None = "auto",
+        decode_cache_max_gb: float = 4.0,
+    ) -> None:
         self.path = str(path)
         self.decode_workers = decode_workers
         self.classes = classes
+        self.decode_cache = decode_cache
+        self.decode_cache_max_gb = decode_cache_max_gb
         file = Path(self.path).expanduser()
         if not file.is_file():
             raise FileNotFoundError(f"NpzSource: {file} does not exist; " + _FORMAT)
@@ -112,9 +133,7 @@ class NpzSource(ArraySource):
                 if f"{stored}_images" in z.files:
                     images = images_to_nchw(z[f"{stored}_images"], f"NpzSource: {file} {stored}_images")
                 else:
-                    images = decode_images(
-                        z[f"{stored}_bytes"], z[f"{stored}_offsets"], self.decode_workers, f"{file} split {stored!r}"
-                    )
+                    images = self._decode(z[f"{stored}_bytes"], z[f"{stored}_offsets"], f"{file} split {stored!r}")
             if len(images) != len(self._labels_by_split[split]):  # the file changed since construction
                 raise ValueError(f"NpzSource: {file} split {stored!r}: {len(images)} images but "
                                  f"{len(self._labels_by_split[split])} labels")
@@ -134,9 +153,31 @@ class NpzSource(ArraySource):
                     starts, ends = offsets[keep], offsets[keep + 1]
                     kept = np.concatenate([data[a:b] for a, b in zip(starts, ends)]) if len(keep) else data[:0]
                     kept_offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-                    images = decode_images(kept, kept_offsets, self.decode_workers, f"{file} split {stored!r}")
+                    images = self._decode(kept, kept_offsets, f"{file} split {stored!r}")
                     cache[split] = (np.ascontiguousarray(images), self.labels(split))
         return super().arrays(split)
+
+    def _decode(self, data: np.ndarray, offsets: np.ndarray, where: str) -> np.ndarray:
+        """`decode_images`, through the disk cache when there is one."""
+        folder = decode_cache_dir(self.decode_cache)
+        if folder is None:
+            return decode_images(data, offsets, self.decode_workers, where)
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(f"cdl-decoded-v1 {len(offsets)}".encode())
+        digest.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+        digest.update(memoryview(np.ascontiguousarray(data)))
+        file = folder / f"{digest.hexdigest()}.npy"
+        n = len(offsets) - 1
+        try:
+            cached = np.load(file, allow_pickle=False)
+            if cached.dtype == np.uint8 and cached.ndim == 4 and cached.shape[0] == n and cached.shape[1] == 3:
+                return cached
+        except (OSError, ValueError, EOFError):  # absent, or a file cut short: decode (and rewrite) it
+            pass
+        images = decode_images(data, offsets, self.decode_workers, where)
+        if images.nbytes <= self.decode_cache_max_gb * 2**30:
+            _write_atomically(file, images)
+        return images
 
     def __repr__(self) -> str:
         counts = {s: len(self.labels(s)) for s in ("train", "test")}
@@ -144,6 +185,38 @@ class NpzSource(ArraySource):
             f"NpzSource(path={self.path!r}, classes={self.num_classes}, train={counts['train']}, test={counts['test']}"
             f"{' (val)' if self._splits['test'] == 'val' else ''}{self._selection_repr()})"
         )
+
+
+_CACHE_WARNED: set[str] = set()
+
+
+def decode_cache_dir(setting: str | None = "auto") -> Path | None:
+    """The decoded-image cache folder of an `NpzSource` ``decode_cache`` setting (``"auto"``: ``$CDL_CACHE_DIR/decoded``
+    or ``~/.cache/cdl-lightning/decoded``; ``None``: no cache)."""
+    if setting is None or setting == "":
+        return None
+    if setting == "auto":
+        root = os.environ.get("CDL_CACHE_DIR")
+        return (Path(root).expanduser() if root else Path.home() / ".cache" / "cdl-lightning") / "decoded"
+    return Path(setting).expanduser()
+
+
+def _write_atomically(file: Path, images: np.ndarray) -> None:
+    """Save ``images`` as ``file`` via a temporary file in the same folder (a reader never sees half a file; two
+    writers of the same images both succeed). A folder that cannot be written warns once and is left alone."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=file.parent, prefix=".tmp-", suffix=".npy", delete=False) as handle:
+            np.save(handle, images, allow_pickle=False)
+        os.chmod(handle.name, 0o644)  # like any cache file, not the temporary file's 0600
+        os.replace(handle.name, file)
+    except OSError as error:
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(handle.name)
+        if str(file.parent) not in _CACHE_WARNED:
+            _CACHE_WARNED.add(str(file.parent))
+            warnings.warn(f"NpzSource: cannot write the decoded-image cache in {file.parent} ({error}); decoding "
+                          "without it (set decode_cache to a writable folder, or null to silence this)", stacklevel=3)
 
 
 def images_to_nchw(images: np.ndarray, where: str = "images") -> np.ndarray:
