@@ -8,6 +8,7 @@ CUDA graphs for the gradient-free passes (``cuda_graphs``), against the plain ea
    goes through Lightning's setup, ``inference_mode`` validation and the task switches).
 
 Prints what it compared and exits 1 on a mismatch. ``--tiny`` runs part 1 with tiny ViTs (any device).
+``--graph-prompts`` adds ``graph_prompts=True`` (the prompt pool's training pass from CUDA graphs) to the fast paths.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, torch.Tensor, dict]:
-    s = tp.Settings(s.device, s.tiny, 0, 0, False, cast_weights=fast, cuda_graphs=fast)
+    s = tp.Settings(s.device, s.tiny, 0, 0, False, cast_weights=fast, cuda_graphs=fast,
+                    graph_prompts=fast and s.graph_prompts)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
                       task_sizes=tp.TASK_SIZES, epochs_per_task=1)
@@ -75,7 +77,8 @@ def check_steps(steps: int, s: tp.Settings) -> bool:
         ok &= compare(f"learned {name}", fast_state[name], value)
     ok &= compare("eval logits", fast_logits, base_logits)
     if s.device.type == "cuda":
-        ok &= all(runners.get(name, (0, 0))[1] > 0 for name in ("teacher", "query", "train"))
+        expected = ("teacher", "query", "train", *(("prompt",) if s.graph_prompts else ()))
+        ok &= all(runners.get(name, (0, 0))[1] > 0 for name in expected)
     return ok
 
 
@@ -92,7 +95,7 @@ def fit(model: PromptLearner, data: ContinualDataModule, root: Path) -> tuple[to
     return evaluation.matrix, model.trainable_state()
 
 
-def check_fit() -> bool:
+def check_fit(graph_prompts: bool = False) -> bool:
     print("# fit check: tiny CODA teacher, then a KDP student, Trainer(gpu, bf16-mixed), fast paths on vs off")
     tiny = {"img_size": 32, "patch_size": 8, "depth": 4, "num_heads": 2}
     teacher_vit = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**tiny, "embed_dim": 64})
@@ -105,7 +108,7 @@ def check_fit() -> bool:
             root = Path(directory) / f"fast_{fast}"
             data = ContinualDataModule(source=SyntheticShapes(num_classes=8, train_per_class=32, test_per_class=8),
                                        num_tasks=2, epochs_per_task=2, batch_size=16, image_size=32)
-            flags = dict(cast_frozen_weights=fast, cuda_graphs=fast)
+            flags = dict(cast_frozen_weights=fast, cuda_graphs=fast, graph_prompts=fast and graph_prompts)
             torch.manual_seed(0)
             teacher = PromptLearner(backbone=teacher_vit, prompt=coda, **data.model_kwargs(), **flags)
             teacher_matrix, _ = fit(teacher, data, root / "teacher")
@@ -129,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs; no fit check unless on CUDA")
+    parser.add_argument("--graph-prompts", action="store_true", help="the fast paths include graph_prompts=True (the "
+                        "prompt pool's training pass from CUDA graphs)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = tp.Settings(device, args.tiny, 0, 0, False)
+    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=args.graph_prompts)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
     if device.type == "cuda":
-        ok &= check_fit()
+        ok &= check_fit(args.graph_prompts)
     print("OK: the fast paths match the eager fp32-weight run" if ok else "MISMATCH")
     return 0 if ok else 1
 

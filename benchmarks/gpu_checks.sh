@@ -12,6 +12,9 @@
 #           (cdl_lightning.callbacks.SigtermCheck): the same matrix is expected, the speed is the question
 #   prof1   e2e1 as 2 tasks of 50 classes, each run with --profile-steps 20 --profile-at 100 (torch.profiler inside the
 #           real loop: per-step wall / GPU kernel / GPU idle ms, host-device calls, top host ops; Chrome traces .json.gz)
+#   gprompt graph_prompts=True (the prompt pool's training pass from CUDA graphs): check_fast_paths.py --graph-prompts
+#           (bitwise against eager), throughput.py train-learner + train-distill b-s bf16 without and with it, and
+#           the e2e1 student again with it (needs e2e1 first, for the teacher checkpoint)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
@@ -77,6 +80,22 @@ for part in $PARTS; do
           > "$OUT/profile_$model.log" 2>&1
         keep; grep -A30 "^profile of" "$OUT/profile_$model.log" | head -32
       done ;;
+    gprompt)
+      note "check_fast_paths --graph-prompts"
+      python3 benchmarks/check_fast_paths.py --graph-prompts > "$OUT/check_graph_prompts.log" 2>&1
+      keep; tail -6 "$OUT/check_graph_prompts.log"
+      for flag in "" --graph-prompts; do
+        note "throughput b-s bf16 ${flag:-(graph_prompts off)}"
+        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
+          > "$OUT/throughput_bf16${flag:+_graph_prompts}.log" 2>&1
+        keep; tail -8 "$OUT/throughput_bf16${flag:+_graph_prompts}.log"
+      done
+      note "e2e: ViT-B -> ViT-S KDP student, 1 GPU, graph_prompts=True"
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model kdp-b-s --out "$RUNS/gpu1gp" \
+        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" --json "$OUT/e2e_student_1gpu_graph_prompts.json" \
+        --no-progress-bar "${CLI[@]}" --model.init_args.graph_prompts true \
+        > "$OUT/e2e_student_1gpu_graph_prompts.log" 2>&1
+      keep; tail -12 "$OUT/e2e_student_1gpu_graph_prompts.log" ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
       cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;

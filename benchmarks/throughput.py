@@ -65,6 +65,7 @@ class Settings:
     compile: bool
     cast_weights: bool = True
     cuda_graphs: bool = True
+    graph_prompts: bool = False
 
 
 @dataclass
@@ -101,6 +102,7 @@ def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     ``cuda_graphs`` / ``compile`` settings."""
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     model.fast_paths.cuda_graphs = s.cuda_graphs
+    model.fast_paths.graph_prompts = s.graph_prompts
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
@@ -295,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "
                         "cuda_graphs=False")
+    parser.add_argument("--graph-prompts", action="store_true", help="graph_prompts=True: the prompt pool's "
+                        "training pass (forward and backward) from CUDA graphs too")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
                         "Trainer's `benchmark: true`): cuDNN times its algorithms for the patch-embedding convolution")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("CUDA is not available: run on a GPU machine, or pass --tiny for the CPU smoke test")
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
-                 not args.fp32_frozen_weights, not args.no_cuda_graphs)
+                 not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

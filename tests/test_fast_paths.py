@@ -196,3 +196,82 @@ def test_a_signature_is_captured_on_its_second_call_only():
     assert GraphedFunction(lambda x: (x,), [], capture_after=1)._lookup("c", capture("c")) == "graph c"
     with pytest.raises(ValueError, match="capture_after"):
         GraphedTrainingPass(nn.Linear(2, 2), capture_after=0)
+
+
+@pytest.mark.parametrize("kind", ["coda", "l2p", "dualprompt"])
+def test_graphed_prompt_pass_runs_the_pool_through_functional_call_bit_for_bit(kind):
+    """What `GraphedPromptPass` captures on a GPU (the pool through `torch.func.functional_call`, its parameters as
+    inputs, the output flattened and rebuilt) gives the pool's own prompts, loss and parameter gradients exactly;
+    off CUDA the wrapper calls the pool itself."""
+    from cdl_lightning.nn import L2P, CodaPrompt, DualPrompt
+    from cdl_lightning.nn.graphs import GraphedPromptPass
+
+    torch.manual_seed(0)
+    pools = {
+        "coda": lambda: CodaPrompt(32, 24, num_tasks=3, pool_size=12, length=4, layers=(0, 2), ortho_weight=0.1),
+        "l2p": lambda: L2P(32, 24, num_tasks=3, pool_size=6, length=4, top_k=2, layers=(0, 1)),
+        "dualprompt": lambda: DualPrompt(32, 24, num_tasks=3, g_length=2, g_layers=(0,), pool_size=3, e_length=4,
+                                         e_layers=(1, 2)),
+    }
+    pool = pools[kind]()
+    pool.start_task(1)  # CODA: task 0's components detached, task 1's trained
+    query = torch.randn(5, 24)
+    graphed = GraphedPromptPass(pool)
+    names = tuple(name for name, _ in pool.named_parameters())
+    params = [p for _, p in pool.named_parameters()]
+    run, layout = graphed.runner(names, task=1, train=True)
+    inputs = [p.detach().clone().requires_grad_(True) for p in params]
+    rebuilt = layout.unflatten(run(query, *inputs))
+    eager = pool(query, 1, True)
+    assert sorted(rebuilt.prefixes) == sorted(eager.prefixes)
+    for layer, (key, value) in eager.prefixes.items():
+        assert torch.equal(rebuilt.prefixes[layer][0], key) and torch.equal(rebuilt.prefixes[layer][1], value)
+    assert torch.equal(rebuilt.loss, eager.loss)
+    assert (rebuilt.selected is None) == (eager.selected is None)
+    if eager.selected is not None:
+        assert torch.equal(rebuilt.selected, eager.selected)
+
+    def objective(out):  # every prompt row and the loss contribute
+        return sum((k * k).sum() + (v * 0.5).sum() for k, v in out.prefixes.values()) + out.loss
+
+    wanted = torch.autograd.grad(objective(eager), params, allow_unused=True)
+    got = torch.autograd.grad(objective(rebuilt), inputs, allow_unused=True)
+    for name, w, g in zip(names, wanted, got, strict=True):
+        assert (w is None) == (g is None), name
+        assert w is None or torch.equal(w, g), name
+    # off CUDA: the wrapper runs the pool itself, no graph
+    direct = graphed(query, 1, True)
+    assert all(torch.equal(direct.prefixes[layer][0], eager.prefixes[layer][0]) for layer in eager.prefixes)
+    assert graphed.captures == 0 and graphed.replays == 0
+
+
+def test_graph_prompts_is_off_by_default_and_wired_through_the_learner(tiny_vit_config):
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.nn import CodaPrompt
+    from cdl_lightning.nn.graphs import GraphedPromptPass
+
+    def learner(**kwargs):
+        return PromptLearner(backbone=tiny_vit_config, prompt=lambda d, k, n: CodaPrompt(d, k, n, pool_size=8, layers=(0, 1)),
+                             task_sizes=[2, 2], **kwargs)
+
+    assert learner().fast_paths.graph_prompts is False and learner().hparams["graph_prompts"] is False
+    model = learner(graph_prompts=True)
+    paths, pool = model.fast_paths, model.classifier.prompt
+    assert paths.graph_prompts and paths.prompt_pass(pool, on_cuda=False) is None
+    assert paths.prompt_pass(pool, on_cuda=True) is None  # fp32 (no autocast): eager
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        runner = paths.prompt_pass(pool, on_cuda=True)
+        assert isinstance(runner, GraphedPromptPass) and paths.prompt_pass(pool, on_cuda=True) is runner
+        assert paths.prompt_pass(None, on_cuda=True) is None  # no pool (a plain fine-tuning run)
+        paths.cuda_graphs = False
+        assert paths.prompt_pass(pool, on_cuda=True) is None
+    # a CPU training step with the flag on is the plain step
+    torch.manual_seed(0)
+    plain = learner()
+    torch.manual_seed(0)
+    flagged = learner(graph_prompts=True)
+    for m in (plain, flagged):
+        m.log = lambda *args, **kwargs: None
+        m.open_task(0)
+    batch = (torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(plain.training_step(batch, 0), flagged.training_step(batch, 0))

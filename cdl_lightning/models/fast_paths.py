@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass
 from cdl_lightning.nn.vit import PromptedViT
 
 __all__ = ["FastPaths", "MIXED_PRECISION_DTYPES"]
@@ -32,16 +32,23 @@ class FastPaths:
         cuda_graphs: on CUDA, replay the frozen passes from CUDA graphs: the gradient-free ones through `graphed`
             (`GraphedFunction`), the prompted training pass forward and backward through `training_pass`
             (`GraphedTrainingPass`, under mixed precision only).
+        graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (prompt assembly, forward
+            and backward) from CUDA graphs (`GraphedPromptPass`, under mixed precision only). Off by default until
+            checked bitwise against eager on a GPU (``benchmarks/check_fast_paths.py``, ``tests/gpu``).
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
     """
 
-    def __init__(self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True,
+        graph_prompts: bool = False,
+    ) -> None:
         self.compile = compile
         self.cast_frozen_weights = cast_frozen_weights
         self.cuda_graphs = cuda_graphs
-        self.runners: dict[str, GraphedFunction | GraphedTrainingPass] = {}
+        self.graph_prompts = graph_prompts
+        self.runners: dict[str, GraphedFunction | GraphedTrainingPass | GraphedPromptPass] = {}
         self._compiled = False
 
     @property
@@ -71,6 +78,16 @@ class FastPaths:
             self.runners["train"] = GraphedTrainingPass(vit)
         return self.runners["train"]  # type: ignore[return-value]
 
+    def prompt_pass(self, pool: nn.Module | None, on_cuda: bool) -> GraphedPromptPass | None:
+        """The graphed training pass of the prompt ``pool`` on CUDA under autocast when ``graph_prompts`` (and
+        ``cuda_graphs``) is on, else ``None`` (eager)."""
+        if pool is None or not (self.graph_prompts and on_cuda and self.uses_cuda_graphs
+                                and torch.is_autocast_enabled("cuda")):
+            return None
+        if "prompt" not in self.runners:
+            self.runners["prompt"] = GraphedPromptPass(pool)
+        return self.runners["prompt"]  # type: ignore[return-value]
+
     def cast(self, vits: Sequence[PromptedViT], precision: str | torch.dtype | None) -> None:
         """Store the frozen weights of ``vits`` in the autocast dtype of ``precision`` (a trainer precision string such
         as ``"bf16-mixed"`` or a dtype) when ``cast_frozen_weights`` is on; full precisions leave them alone."""
@@ -96,4 +113,4 @@ class FastPaths:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
-                f"cuda_graphs={self.cuda_graphs}, runners={sorted(self.runners)})")
+                f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, runners={sorted(self.runners)})")

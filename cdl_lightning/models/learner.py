@@ -123,6 +123,11 @@ class PromptLearner(LightningModule):
             step's prompt-query pass, a distiller's teacher, evaluation and prediction) via `GraphedFunction`, the
             prompted training pass forward and backward via `GraphedTrainingPass`. One launch instead of hundreds per
             pass; eager steps are bound by kernel-launch overhead. Same kernels, same results.
+        graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (the prompt assembly from
+            the query, forward and backward) from CUDA graphs (`GraphedPromptPass`): on one H200 a ViT-B -> ViT-S KDP
+            student step spent ~6 ms of host time assembling CODA prompts and most of its 13 ms of backward host
+            time in their autograd nodes, against 29 ms of GPU work. Off until checked bitwise against eager on a GPU
+            (``benchmarks/check_fast_paths.py``).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class PromptLearner(LightningModule):
         compile: bool = False,
         cast_frozen_weights: bool = True,
         cuda_graphs: bool = True,
+        graph_prompts: bool = False,
         task_sizes: list[int] | None = None,
         epochs_per_task: int | None = None,
         class_names: list[str] | None = None,
@@ -167,7 +173,8 @@ class PromptLearner(LightningModule):
         self.task_snapshots: list[dict[str, Tensor]] = []
         self.strict_loading = False  # checkpoints omit the frozen backbone
         # the speed paths (casting, compile, CUDA graphs) as one component; its flags are these arguments
-        self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs)
+        self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs,
+                                    graph_prompts=graph_prompts)
 
     @classmethod
     def load_for_inference(cls, path: str, map_location: str | torch.device = "cpu") -> PromptLearner:
@@ -295,9 +302,10 @@ class PromptLearner(LightningModule):
     def student_forward(self, images: Tensor, task: int, train: bool, query: Tensor | None = None) -> ClassifierOutput:
         inputs = self.method.student_inputs()
         run_backbone = self.fast_paths.training_pass(self.classifier.backbone, images.is_cuda) if train else None
+        run_prompt = self.fast_paths.prompt_pass(self.classifier.prompt, images.is_cuda) if train else None
         return self.classifier(images, task, train, query=query, prefixes=inputs.prefixes, prepend=inputs.prepend,
                                append=inputs.append, return_blocks=train and self.method.needs_student_blocks,
-                               run_backbone=run_backbone)
+                               run_backbone=run_backbone, run_prompt=run_prompt)
 
     def _logits_pass(self, images: Tensor, task: int) -> tuple[Tensor]:
         return (self.method.logits(self.student_forward(images, task, train=False))[:, : self.task_range(task)[1]],)

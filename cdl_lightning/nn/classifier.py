@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cdl_lightning.nn.prompts.base import PromptPool
+from cdl_lightning.nn.prompts.base import PromptOutput, PromptPool
 from cdl_lightning.nn.vit import Prefix, PromptedViT, ViTOutput, merge_prefixes
 
 
@@ -107,6 +107,7 @@ class PromptedClassifier(nn.Module):
         append: Tensor | None = None,
         return_blocks: bool = False,
         run_backbone: Callable[..., ViTOutput] | None = None,
+        run_prompt: Callable[..., PromptOutput] | None = None,
     ) -> ClassifierOutput:
         """Classify ``[0, 1]`` images.
 
@@ -121,11 +122,13 @@ class PromptedClassifier(nn.Module):
             return_blocks: also return every block's output.
             run_backbone: runs the backbone pass instead of ``self.backbone`` (same arguments and result), e.g. a
                 `GraphedTrainingPass` of it.
+            run_prompt: runs the prompt pool instead of ``self.prompt`` (same arguments and result), e.g. a
+                `GraphedPromptPass` of it.
         """
         prompt_loss = images.new_zeros((), dtype=torch.float32)
         prompt_prefixes = None
         if self.prompt is not None:
-            out = self.prompt(self.query(images) if query is None else query, task, train)
+            out = (run_prompt or self.prompt)(self.query(images) if query is None else query, task, train)
             prompt_prefixes, prompt_loss = out.prefixes, out.loss
         run = run_backbone or self.backbone
         vit_out = run(images, merge_prefixes(prompt_prefixes, prefixes), prepend, append, return_blocks)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cdl_lightning.nn.prompts.base import PromptOutput
 from cdl_lightning.nn.vit import Prefix, ViTOutput
 
 Outputs = tuple[Tensor, ...]
@@ -264,3 +265,98 @@ class GraphedTrainingPass(_GraphCache):
         except Exception as err:
             self._disable(err, "the training pass")
             return None
+
+
+class GraphedPromptPass(_GraphCache):
+    """A prompt pool's training pass, forward *and* backward, replayed from CUDA graphs.
+
+    In a training step the pool assembles its prompts from the query and its trainable parameters (CODA-Prompt: per
+    prompted layer, slice the task's components, normalise, two einsums), and autograd records every one of those
+    small operations; on a GPU the host time of launching them and of their backward nodes outlasts their kernels.
+    Captured with `torch.cuda.make_graphed_callables` (the pool run through `torch.func.functional_call` with its
+    parameters as graph inputs, so their gradients come out of the graphed backward) the pass is one forward and one
+    backward replay. One graph pair per task (the slices in use change with it), ``train`` flag and input signature.
+    Off CUDA, when autograd does not record, or when no input needs a gradient, the pool runs eagerly; a failed capture
+    warns and falls back to eager for good.
+
+    Args:
+        pool: the prompt pool (`cdl_lightning.nn.prompts.PromptPool`): ``pool(query, task, train) -> PromptOutput``.
+        max_graphs: graph pairs kept (least recently used first out).
+        warmup: eager forward+backward iterations before capture.
+        capture_after: a signature is captured on its ``capture_after``-th call (the earlier ones run eagerly).
+    """
+
+    def __init__(self, pool: nn.Module, max_graphs: int = 2, warmup: int = 3, capture_after: int = 2) -> None:
+        super().__init__([pool], max_graphs, warmup, capture_after)
+        self.pool = pool
+
+    def usable(self, tensors: Sequence[Tensor]) -> bool:
+        return (
+            self.disabled_reason is None
+            and all(t.is_cuda for t in tensors)
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def __call__(self, query: Tensor, task: int, train: bool) -> PromptOutput:
+        named = list(self.pool.named_parameters())
+        names = tuple(name for name, _ in named)
+        flat = [query, *(p for _, p in named)]
+        if not self.usable(flat):
+            return self.pool(query, task, train)
+        key = (task, train, names, tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat),
+               _autocast_state("cuda"))
+        entry = self._lookup(key, lambda: self._capture(flat, names, task, train))
+        if entry is None:
+            return self.pool(query, task, train)
+        graphed, layout = entry  # type: ignore[misc]
+        return layout.unflatten(graphed(*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat)))
+
+    def runner(self, names: Sequence[str], task: int, train: bool) -> tuple[Callable[..., Outputs], _PromptLayout]:
+        """``run(query, *parameters) -> flat outputs`` (the pool through `torch.func.functional_call`) and the layout
+        that turns its outputs back into a `PromptOutput` (filled by the first call)."""
+        layout = _PromptLayout()
+
+        def run(query: Tensor, *parameters: Tensor) -> Outputs:
+            out = torch.func.functional_call(self.pool, dict(zip(names, parameters, strict=True)), (query, task, train))
+            return layout.flatten(out)
+
+        return run, layout
+
+    def _capture(self, flat: Sequence[Tensor], names: Sequence[str], task: int, train: bool) -> tuple | None:
+        run, layout = self.runner(names, task, train)
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        try:
+            with _capture_autocast():
+                graphed = torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
+                                                            allow_unused_input=True)
+        except Exception as err:
+            self._disable(err, "the prompt pass")
+            return None
+        return graphed, layout
+
+
+class _PromptLayout:
+    """How a `PromptOutput` is laid out as a flat tuple of tensors: ``(Pk, Pv)`` per layer in layer order, the loss,
+    then ``selected`` if the pool returns it."""
+
+    def __init__(self) -> None:
+        self.layers: tuple[int, ...] | None = None
+        self.has_selected = False
+
+    def flatten(self, out: PromptOutput) -> Outputs:
+        layers = tuple(sorted(out.prefixes))
+        if self.layers is None:
+            self.layers, self.has_selected = layers, out.selected is not None
+        elif layers != self.layers or (out.selected is not None) != self.has_selected:
+            raise RuntimeError(f"the prompt pool's output changed structure ({layers} vs {self.layers})")
+        flat = [t for layer in layers for t in out.prefixes[layer]] + [out.loss]
+        return (*flat, *([out.selected] if out.selected is not None else []))
+
+    def unflatten(self, flat: Sequence[Tensor]) -> PromptOutput:
+        assert self.layers is not None, "flatten first"
+        n = len(self.layers)
+        prefixes = {layer: (flat[2 * i], flat[2 * i + 1]) for i, layer in enumerate(self.layers)}
+        selected = flat[2 * n + 1] if self.has_selected else None
+        return PromptOutput(prefixes=prefixes, loss=flat[2 * n], selected=selected)
