@@ -196,3 +196,24 @@ def test_epoch_end_saving_cannot_be_switched_off_silently():
     with pytest.raises(ValueError, match="save_on_train_epoch_end=false is not supported"):
         RunCheckpoint(save_on_train_epoch_end=False)
     assert RunCheckpoint(save_on_train_epoch_end=True).epoch_interval == 1  # the behaviour it always has: accepted
+
+
+def test_divergence_flags_accumulate_on_the_device_for_scalar_and_mixed_terms():
+    """The per-step accumulation (no sync): scalar terms of one dtype take the stacked path, others (a bf16 term, a
+    tensor term) the per-term path; the first non-finite step is kept until the flags are read."""
+    from types import SimpleNamespace
+
+    from cdl_lightning.callbacks import DivergenceCheck
+
+    for terms_at in (
+        lambda bad: {"a": torch.tensor(float("nan") if bad else 1.0), "b": torch.tensor(2.0)},
+        lambda bad: {"a": torch.tensor(float("inf") if bad else 1.0, dtype=torch.bfloat16), "b": torch.tensor(2.0)},
+        lambda bad: {"a": torch.tensor([1.0, float("nan") if bad else 3.0]), "b": torch.tensor(2.0)},
+    ):
+        check = DivergenceCheck(check_every_n_steps=0)
+        module = SimpleNamespace(loss_terms=None)
+        for step in range(1, 6):
+            module.loss_terms = terms_at(step in (3, 4))
+            check.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step - 1)
+        assert check._bad.tolist() == [True, False]
+        assert int(check._first_bad_step) == 2  # the third step (global step 3 after it, so step index 2)

@@ -72,12 +72,17 @@ class DivergenceCheck(Callback):
     ) -> None:
         terms = self._terms(pl_module, outputs)
         if terms:
-            bad = torch.stack([~torch.isfinite(value.detach()).all() for value in terms.values()])
+            values = [value.detach() for value in terms.values()]
+            if all(v.dim() == 0 for v in values) and len({(v.dtype, v.device) for v in values}) == 1:
+                bad = ~torch.isfinite(torch.stack(values))  # scalar terms (the usual case): three kernels
+            else:
+                bad = torch.stack([~torch.isfinite(v).all() for v in values])
             if self._bad is None or list(terms) != self._names or self._bad.device != bad.device:
                 self._flush_names(list(terms), bad.device, trainer.global_step)
             assert self._bad is not None and self._first_bad_step is not None and self._step is not None
-            # the step that produced these terms was global step - 1 (the optimizer stepped since); device-side only
-            first = (~self._bad.any()) & bad.any()
+            # the step that produced these terms was global step - 1 (the optimizer stepped since); device-side only.
+            # No term was bad since the last read exactly while _first_bad_step is still -1
+            first = bad.any() & (self._first_bad_step < 0)
             self._first_bad_step = torch.where(first, self._step, self._first_bad_step)
             self._bad |= bad
             self._step += 1
