@@ -151,3 +151,17 @@ def test_an_unwritable_decode_cache_warns_once_and_decodes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second time: silent
         NpzSource(path, classes=[2], decode_cache=str(blocker / "cache")).arrays("train")
+
+
+def test_decode_cache_without_a_home_directory_is_off_with_a_warning(monkeypatch):
+    import cdl_lightning.data.npz as npz
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("CDL_CACHE_DIR", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(npz, "_CACHE_WARNED", set())
+    with pytest.warns(UserWarning, match="no home directory"):
+        assert npz.decode_cache_dir("auto") is None
+    assert npz.decode_cache_dir(None) is None and npz.decode_cache_dir("/x/y") == Path("/x/y")

@@ -251,8 +251,8 @@ def test_graph_prompts_is_off_by_default_and_wired_through_the_learner(tiny_vit_
     from cdl_lightning.nn.graphs import GraphedPromptPass
 
     def learner(**kwargs):
-        return PromptLearner(backbone=tiny_vit_config, prompt=lambda d, k, n: CodaPrompt(d, k, n, pool_size=8, layers=(0, 1)),
-                             task_sizes=[2, 2], **kwargs)
+        coda = lambda d, k, n: CodaPrompt(d, k, n, pool_size=8, layers=(0, 1))  # noqa: E731
+        return PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], **kwargs)
 
     assert learner().fast_paths.graph_prompts is False and learner().hparams["graph_prompts"] is False
     model = learner(graph_prompts=True)
@@ -275,3 +275,24 @@ def test_graph_prompts_is_off_by_default_and_wired_through_the_learner(tiny_vit_
         m.open_task(0)
     batch = (torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
     assert torch.equal(plain.training_step(batch, 0), flagged.training_step(batch, 0))
+
+
+def test_clone_grad_keeps_a_missing_gradient_missing():
+    """An input a graphed backward gives no gradient (a parameter the graph does not use) keeps ``.grad is None``, as
+    in eager mode; zeros would make Adam step it (momentum, weight decay)."""
+
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    x = torch.randn(3, requires_grad=True)
+    NoGradient.apply(_CloneGrad.apply(x)).sum().backward()
+    assert x.grad is None
+    y = torch.randn(3, requires_grad=True)
+    (_CloneGrad.apply(y) * 3).sum().backward()
+    assert torch.equal(y.grad, torch.full((3,), 3.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch.trainer.connectors.logger_connector.result as lightning_result
 import pytest
@@ -67,3 +68,44 @@ def test_the_training_metrics_reach_the_logger_at_the_same_steps(tmp_path):
     assert [e.step for e in scalars["train/task"]] == steps
     assert [e.value for e in scalars["train/task"]] == [step // 8 for step in steps]  # 8 steps per task
     assert all(math.isfinite(e.value) for e in scalars["train/prompt_loss"])
+
+
+def test_a_run_stopped_by_a_callback_logs_that_steps_own_prompt_loss(tmp_path):
+    """Lightning writes the metrics of the step at which a callback stops the run (``should_stop`` set in
+    ``on_train_batch_end``, as its ``Timer`` does): the prompt loss written there is that step's, the same value a run
+    logging every step writes (not the value cached at the previous logging step)."""
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cdl_lightning.data import ContinualDataModule, SyntheticShapes
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.nn import BackboneConfig, CodaPrompt
+
+    class StopAtStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    def prompt_losses(every: int, callbacks: list) -> dict[int, float]:
+        seed_everything(0)
+        data = ContinualDataModule(SyntheticShapes(num_classes=4, train_per_class=24, test_per_class=2), num_tasks=2,
+                                   batch_size=4, image_size=32)
+        tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+        vit = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs=tiny)
+        model = PromptLearner(backbone=vit, prompt=lambda d, k, n: CodaPrompt(d, k, n, pool_size=8, layers=(0, 1),
+                                                                            ortho_weight=1.0),
+                              lr=0.05, **data.model_kwargs())
+        logger = CSVLogger(tmp_path, name=f"every{every}_{len(callbacks)}")
+        Trainer(accelerator="cpu", logger=logger, log_every_n_steps=every, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
+                **{**data.trainer_kwargs(), "max_epochs": 1}).fit(model, data)
+        rows = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        values = [dict(zip(header, row.split(","))) for row in rows[1:]]
+        return {int(v["step"]): float(v["train/prompt_loss"]) for v in values if v.get("train/prompt_loss")}
+
+    every_step = prompt_losses(1, [])
+    stopped = prompt_losses(4, [StopAtStep()])
+    assert sorted(stopped) == [3, 4]  # the logging step (4th batch) and the stop (global step 5 after the 5th batch)
+    assert len(set(every_step.values())) > 3  # the ortho penalty moves every step: a stale value would show
+    assert stopped == {step: every_step[step] for step in stopped}

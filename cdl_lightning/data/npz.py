@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from cdl_lightning.data.folder import to_rgb
@@ -163,7 +164,8 @@ class NpzSource(ArraySource):
         if folder is None:
             return decode_images(data, offsets, self.decode_workers, where)
         digest = hashlib.blake2b(digest_size=20)
-        digest.update(f"cdl-decoded-v1 {len(offsets)}".encode())
+        # the decoder's version too: another Pillow (libwebp, libjpeg) may decode the same bytes differently
+        digest.update(f"cdl-decoded-v1 Pillow {PIL.__version__} {len(offsets)}".encode())
         digest.update(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
         digest.update(memoryview(np.ascontiguousarray(data)))
         file = folder / f"{digest.hexdigest()}.npy"
@@ -197,7 +199,16 @@ def decode_cache_dir(setting: str | None = "auto") -> Path | None:
         return None
     if setting == "auto":
         root = os.environ.get("CDL_CACHE_DIR")
-        return (Path(root).expanduser() if root else Path.home() / ".cache" / "cdl-lightning") / "decoded"
+        if root:
+            return Path(root).expanduser() / "decoded"
+        try:
+            return Path.home() / ".cache" / "cdl-lightning" / "decoded"
+        except RuntimeError:  # no HOME and a user without a passwd entry (some containers): no cache
+            if "home" not in _CACHE_WARNED:
+                _CACHE_WARNED.add("home")
+                warnings.warn("NpzSource: no home directory for the decoded-image cache; decoding without it (set "
+                              "CDL_CACHE_DIR or decode_cache to a writable folder)", stacklevel=4)
+            return None
     return Path(setting).expanduser()
 
 

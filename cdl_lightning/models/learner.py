@@ -342,20 +342,33 @@ class PromptLearner(LightningModule):
         batch_size = images.shape[0]
         # never prog_bar=True: Lightning then reads the value with .item() after every step, a sync that leaves the GPU
         # idle while the next step is queued; `ThrottledRichProgressBar` shows the loss and the task without it.
-        # The loss every step (callback_metrics: the bar, checkpoint monitors); the rest only on the steps the logger
-        # writes (each self.log costs about 1 ms of host time, and the logger keeps only those steps anyway)
+        # The loss every step (callback_metrics: the bar, checkpoint monitors); the rest in on_train_batch_end, only
+        # on the steps the logger writes (each self.log costs about 1 ms of host time)
         self.log("train/loss", loss, batch_size=batch_size)
-        if self._logger_writes_this_step():
-            self.log("train/prompt_loss", student.prompt_loss, batch_size=batch_size)
-            # filled on the device: a Python float would be copied to it, and that copy waits for the GPU
-            self.log("train/task", torch.full((), float(task), device=loss.device), batch_size=batch_size)
+        self._step_metrics = {"train/prompt_loss": student.prompt_loss.detach(), "train/task": task,
+                              "batch_size": batch_size}
         return loss
 
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after the callbacks' hooks, so a callback that stops the run at this step (Lightning then writes this
+        # step's metrics) is seen
+        metrics, self._step_metrics = getattr(self, "_step_metrics", None), None
+        if metrics is None or not self._logger_writes_this_step():
+            return
+        batch_size = metrics["batch_size"]
+        self.log("train/prompt_loss", metrics["train/prompt_loss"], batch_size=batch_size)
+        # filled on the device: a Python float would be copied to it, and that copy waits for the GPU
+        loss = metrics["train/prompt_loss"]
+        self.log("train/task", torch.full((), float(metrics["train/task"]), device=loss.device), batch_size=batch_size)
+
     def _logger_writes_this_step(self) -> bool:
-        """Whether the trainer's loggers write this training step's metrics (``log_every_n_steps``; Lightning's own
-        test, ``_LoggerConnector.should_update_logs``); ``True`` when it cannot tell (no trainer, another version)."""
+        """Whether the trainer's loggers write this training step's metrics: Lightning's own test
+        (``_LoggerConnector.should_update_logs``: every ``log_every_n_steps``, and the step at which the run stops);
+        ``True`` when the loggers never write (``log_every_n_steps=0``: ``callback_metrics`` is then the only
+        reader) or when it cannot tell (no trainer, another Lightning version)."""
         trainer = self._trainer
-        if trainer is None:
+        if trainer is None or not trainer.log_every_n_steps:
             return True
         try:
             return bool(trainer._logger_connector.should_update_logs)

@@ -20,6 +20,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -180,15 +181,17 @@ class GraphedFunction(_GraphCache):
 
 class _CloneGrad(torch.autograd.Function):
     """Identity whose backward clones the gradient: a graphed backward returns its static gradient buffers, which must
-    not become (or alias) a parameter's ``.grad`` that the next replay would overwrite."""
+    not become (or alias) a parameter's ``.grad`` that the next replay would overwrite. A missing gradient (an input
+    the graph does not use) stays ``None``, as in eager mode (not zeros, which an optimizer would step on)."""
 
     @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.set_materialize_grads(False)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:
-        return grad.clone()
+    def backward(ctx: Any, grad: Tensor | None) -> Tensor | None:
+        return None if grad is None else grad.clone()
 
 
 class GraphedTrainingPass(_GraphCache):
