@@ -10,7 +10,10 @@ committed numbers: a change to the library that moves them needs the notebook re
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,23 +118,63 @@ def test_notebook_is_saved_with_outputs(path: Path):
     check_outputs(notebook, path.name)
 
 
+# Executes one notebook in its own process (nbclient and a kernel): SOURCE OUT WORKDIR; exit 1 on a failing cell.
+_EXECUTE = """
+import sys, nbclient, nbformat
+notebook = nbformat.read(sys.argv[1], as_version=4)
+client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                 resources={"metadata": {"path": sys.argv[3]}})
+try:
+    client.execute()
+finally:
+    nbformat.write(notebook, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def executed_notebooks(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, Path, str]]:
+    """Every notebook executed from an empty working directory, two at a time (each kernel trains on one thread, the
+    CI machine has two cores): ``{name: (executed copy, working directory, error output or "")}``. Temporary outputs
+    go to each kernel's own TMPDIR."""
+    runs: dict[str, tuple[Path, Path, str]] = {}
+    selected = {item.callspec.params["path"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_notebook_runs" and hasattr(item, "callspec")}
+    pending = [path for path in NOTEBOOKS if path in selected]
+    running: list[tuple[Path, Path, Path, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < 2:
+            path = pending.pop(0)
+            root = tmp_path_factory.mktemp(path.stem)
+            workdir, tmpdir, out = root / "cwd", root / "tmp", root / path.name
+            workdir.mkdir()
+            tmpdir.mkdir()
+            env = {**os.environ, "TMPDIR": str(tmpdir)}  # inherited by the kernel
+            with open(root / "stderr.txt", "w") as log:  # a file, not a pipe: a full pipe would block the child
+                process = subprocess.Popen([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)],
+                                           env=env, stdout=subprocess.DEVNULL, stderr=log)
+            running.append((path, out, workdir, process, time.perf_counter()))
+        for entry in list(running):
+            path, out, workdir, process, start = entry
+            if process.poll() is None:
+                continue
+            error = (out.parent / "stderr.txt").read_text() if process.returncode else ""
+            print(f"{path.name}: {time.perf_counter() - start:.1f} s")
+            runs[path.name] = (out, workdir, error or "")
+            running.remove(entry)
+        time.sleep(0.2)
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_runs(path: Path, executed_notebooks: dict[str, tuple[Path, Path, str]]):
     """Run from an empty working directory (no repository-relative path may be needed); temporary outputs go to the
     kernel's TMPDIR, and nothing is left in the working directory."""
-    workdir, tmpdir = tmp_path / "cwd", tmp_path / "tmp"
-    workdir.mkdir()
-    tmpdir.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmpdir))  # inherited by the kernel: its tempfile folders land under tmp_path
-    notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
-    )
-    start = time.perf_counter()
-    client.execute()  # raises CellExecutionError on the first failing cell
-    elapsed = time.perf_counter() - start
-    print(f"{path.name}: {elapsed:.1f} s")
+    out, workdir, error = executed_notebooks[path.name]
+    assert not error, f"{path.name} failed:\n{error[-3000:]}"
+    notebook = nbformat.read(out, as_version=4)
     check_outputs(notebook, path.name)
     assert not list(workdir.iterdir()), f"{path.name} wrote into its working directory: {list(workdir.iterdir())}"
     committed = nbformat.read(path, as_version=4)
