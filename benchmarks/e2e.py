@@ -46,6 +46,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -241,7 +242,8 @@ def _profiler_class() -> type:
             self.profiler.__exit__(None, None, None)
             prof, self.profiler = self.profiler, None
             steps = len(self.marks) - 1
-            wall_ms = (self.marks[-1] - self.marks[0]) * 1e3 / max(steps, 1)
+            per_step = max(steps, 1)
+            wall_ms = (self.marks[-1] - self.marks[0]) * 1e3 / per_step
             events = prof.events()
             # device activity: kernels, copies and memsets (not the GPU-side spans of record_function annotations,
             # which cover whole steps)
@@ -258,13 +260,10 @@ def _profiler_class() -> type:
                 if b > end:
                     union += b - max(a, end)
                     end = b
-            syncs = {}
-            for e in events:
-                if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
-                              "cudaMemcpyAsync", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"):
-                    syncs[e.name] = syncs.get(e.name, 0) + 1
-            gpu_ms = union / 1e3 / max(steps, 1)
-            per_step = max(steps, 1)
+            syncs = Counter(e.name for e in events if e.name in (
+                "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+                "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"))
+            gpu_ms = union / 1e3 / per_step
             self.summary = {
                 **self.summary, "steps": steps, "wall_ms_per_step": round(wall_ms, 3),
                 "gpu_busy_ms_per_step": round(gpu_ms, 3), "gpu_idle_ms_per_step": round(wall_ms - gpu_ms, 3),
@@ -274,13 +273,7 @@ def _profiler_class() -> type:
             print(f"profile of training batches {self.at}..{self.at + steps - 1}: {json.dumps(self.summary)}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
             if self.trace:
-                import gzip
-
-                raw = Path(self.trace).with_suffix("")
-                prof.export_chrome_trace(str(raw))
-                with open(raw, "rb") as src, gzip.open(self.trace, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                raw.unlink()
+                prof.export_chrome_trace(self.trace)  # gzipped by torch (the name ends in .gz)
 
     return StepProfiler
 

@@ -50,6 +50,19 @@ e2e_two_gpus() {
   cp "$RUNS/$dir/coda-b/metrics.json" "$OUT/$metrics" 2>/dev/null || true
 }
 
+# e2e_one_gpu NAME TITLE [e2e.py args...] [-- cdl fit args...]: benchmarks/e2e.py on GPU 0 on the data above;
+# OUT/NAME.{json,log}
+e2e_one_gpu() {
+  local name=$1 title=$2; shift 2
+  local args=() extra=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do args+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && extra=("$@")
+  note "e2e: $title"
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" "${args[@]}" --json "$OUT/$name.json" \
+    --no-progress-bar "${CLI[@]}" "${extra[@]}" > "$OUT/$name.log" 2>&1
+  keep; tail -12 "$OUT/$name.log"
+}
+
 nvidia-smi -L || true
 python3 -c 'import torch, lightning, timm; print("torch", torch.__version__, "lightning", lightning.__version__,
 "timm", timm.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))'
@@ -61,24 +74,15 @@ for part in $PARTS; do
       python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       keep ;;
     e2e1)
-      note "e2e: ViT-B CODA teacher, 1 GPU"
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model coda-b --out "$RUNS/gpu1" \
-        --json "$OUT/e2e_teacher_1gpu.json" --no-progress-bar "${CLI[@]}" > "$OUT/e2e_teacher_1gpu.log" 2>&1
-      keep; tail -12 "$OUT/e2e_teacher_1gpu.log"
-      note "e2e: ViT-B -> ViT-S KDP student, 1 GPU"
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model kdp-b-s --out "$RUNS/gpu1" \
-        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" --json "$OUT/e2e_student_1gpu.json" --no-progress-bar \
-        "${CLI[@]}" > "$OUT/e2e_student_1gpu.log" 2>&1
-      keep; tail -12 "$OUT/e2e_student_1gpu.log" ;;
+      e2e_one_gpu e2e_teacher_1gpu "ViT-B CODA teacher, 1 GPU" --model coda-b --out "$RUNS/gpu1"
+      e2e_one_gpu e2e_student_1gpu "ViT-B -> ViT-S KDP student, 1 GPU" --model kdp-b-s --out "$RUNS/gpu1" \
+        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" ;;
     prof1)
       for model in coda-b kdp-b-s; do
-        note "e2e profile: $model, 1 GPU, 2 tasks"
         teacher=(); [ "$model" = kdp-b-s ] && teacher=(--teacher "$RUNS/prof1/coda-b/checkpoints/last.ckpt")
-        CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --num-tasks 2 --model "$model" --out "$RUNS/prof1" \
-          "${teacher[@]}" --no-step --no-progress-bar --profile-steps 20 --profile-at 100 \
-          --profile-trace "$OUT/profile_$model.json.gz" --json "$OUT/profile_$model.json" "${CLI[@]}" \
-          > "$OUT/profile_$model.log" 2>&1
-        keep; grep -A30 "^profile of" "$OUT/profile_$model.log" | head -32
+        e2e_one_gpu "profile_$model" "profile: $model, 1 GPU, 2 tasks" --num-tasks 2 --model "$model" \
+          --out "$RUNS/prof1" "${teacher[@]}" --no-step --profile-steps 20 --profile-at 100 \
+          --profile-trace "$OUT/profile_$model.json.gz"
       done ;;
     gprompt)
       note "check_fast_paths --graph-prompts"
@@ -90,12 +94,9 @@ for part in $PARTS; do
           > "$OUT/throughput_bf16${flag:+_graph_prompts}.log" 2>&1
         keep; tail -8 "$OUT/throughput_bf16${flag:+_graph_prompts}.log"
       done
-      note "e2e: ViT-B -> ViT-S KDP student, 1 GPU, graph_prompts=True"
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/e2e.py "${DATA[@]}" --model kdp-b-s --out "$RUNS/gpu1gp" \
-        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" --json "$OUT/e2e_student_1gpu_graph_prompts.json" \
-        --no-progress-bar "${CLI[@]}" --model.init_args.graph_prompts true \
-        > "$OUT/e2e_student_1gpu_graph_prompts.log" 2>&1
-      keep; tail -12 "$OUT/e2e_student_1gpu_graph_prompts.log" ;;
+      e2e_one_gpu e2e_student_1gpu_graph_prompts "ViT-B -> ViT-S KDP student, 1 GPU, graph_prompts=True" \
+        --model kdp-b-s --out "$RUNS/gpu1gp" --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" \
+        -- --model.init_args.graph_prompts true ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
       cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;

@@ -410,14 +410,13 @@ def local_ranks(argv: list[str]) -> Iterator[int]:
             watch.stop()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-            if finished:  # the ranks left the last collective with rank 0: they end within seconds
+            # finished: the ranks left the last collective with rank 0 and end within seconds; a user error: they
+            # hit the same mistake, let them end
+            wait_s = 120 if finished else 10 if user_error else None
+            if wait_s is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     for process in processes:
-                        process.wait(timeout=120)
-            if user_error:
-                with contextlib.suppress(subprocess.TimeoutExpired):  # they hit the same mistake: let them end
-                    for process in processes:
-                        process.wait(timeout=10)
+                        process.wait(timeout=wait_s)
             exited = [process.poll() for process in processes]  # before rank 0 stops them: which failed on their own
             _stop(processes)
             watch.join(timeout=5)

@@ -48,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,38 +365,36 @@ def summarise(spec: dict[str, Any], runs: list[SweepRun]) -> dict[str, Any]:
         return "" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}" + (
             f" ({entry['seeds']}/{len(spec['seeds'])})" if entry["seeds"] < len(spec["seeds"]) else "")
 
+    def diagonal(entry: dict[str, Any]) -> str:
+        ratio = entry["diagonal_vs_chance"]
+        return cell(entry, "diagonal") + ("" if math.isnan(ratio) else f" [{ratio:.1f}x]")
+
+    def block(title: str, headers: list[str], row: Callable[[str], list[str]]) -> list[str]:
+        """A titled markdown table, one row per learner."""
+        return [title, "", "| learner | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers),
+                *(f"| {learner} | " + " | ".join(row(learner)) + " |" for learner in table), ""]
+
+    seeds = f"mean ± std over seeds {spec['seeds']}"
     lines = []
     for key, title in (("avg_acc", "Final average accuracy (%)"), ("forgetting", "Forgetting (%)")):
-        lines += [f"{title}, mean ± std over seeds {spec['seeds']}", "",
-                  "| learner | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        lines += [f"| {learner} | " + " | ".join(cell(table[learner][m], key) for m in columns) + " |"
-                  for learner in table]
-        lines.append("")
-    lines += ["Mean diagonal accuracy (%, accuracy on each task right after learning it), mean ± std over seeds; in "
-              "brackets the smallest ratio of a diagonal entry to chance (100 / classes seen) over tasks and seeds", "",
-              "| learner | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for learner in table:
-        cells = []
-        for method in columns:
-            entry = table[learner][method]
-            ratio = entry["diagonal_vs_chance"]
-            cells.append(cell(entry, "diagonal") + ("" if math.isnan(ratio) else f" [{ratio:.1f}x]"))
-        lines.append(f"| {learner} | " + " | ".join(cells) + " |")
-    lines.append("")
+        lines += block(f"{title}, {seeds}", columns,
+                       lambda learner, key=key: [cell(table[learner][m], key) for m in columns])
+    lines += block("Mean diagonal accuracy (%, accuracy on each task right after learning it), mean ± std over seeds; "
+                   "in brackets the smallest ratio of a diagonal entry to chance (100 / classes seen) over tasks and "
+                   "seeds", columns, lambda learner: [diagonal(table[learner][m]) for m in columns])
     pairs = [(m, "none") for m in columns if m != "none" and "none" in columns]
     pairs += [("kdp", "kd")] if {"kdp", "kd"} <= set(columns) else []
+
+    def difference(learner: str, a: str, b: str) -> str:
+        (mean_a, std_a), (mean_b, std_b) = table[learner][a]["avg_acc"], table[learner][b]["avg_acc"]
+        diff = mean_a - mean_b
+        verdict = "yes" if abs(diff) > std_a + std_b else "within the spread"
+        return "" if math.isnan(diff) else f"{diff:+.2f} ({verdict})"
+
     if pairs and len(spec["seeds"]) > 1:
-        lines += ["Differences of final average accuracy (points); 'yes' when |difference| > the sum of the two stds",
-                  "", "| learner | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
-        for learner in table:
-            cells = []
-            for a, b in pairs:
-                (mean_a, std_a), (mean_b, std_b) = table[learner][a]["avg_acc"], table[learner][b]["avg_acc"]
-                diff = mean_a - mean_b
-                cells.append("" if math.isnan(diff) else
-                             f"{diff:+.2f} ({'yes' if abs(diff) > std_a + std_b else 'within the spread'})")
-            lines.append(f"| {learner} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += block("Differences of final average accuracy (points); 'yes' when |difference| > the sum of the two "
+                       "stds", [f"{a} - {b}" for a, b in pairs],
+                       lambda learner: [difference(learner, a, b) for a, b in pairs])
     markdown = "\n".join(lines)
     (out / "table.md").write_text(markdown)
     records = [{"learner": r.learner, "method": r.method, "seed": r.seed, "status": r.status, "avg_acc": r.avg_acc,

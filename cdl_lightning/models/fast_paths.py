@@ -72,21 +72,24 @@ class FastPaths:
         learned prompt keys differed by up to 9e-10 with this pass graphed and the components by up to 3e-11 with it
         eager (losses bitwise equal; the remaining cause, in the gradient-free graphs, is not established). fp32 steps
         are GPU-bound, so they run this pass eagerly, the smaller deviation."""
-        if not (on_cuda and self.uses_cuda_graphs and torch.is_autocast_enabled("cuda")):
-            return None
-        if "train" not in self.runners:
-            self.runners["train"] = GraphedTrainingPass(vit)
-        return self.runners["train"]  # type: ignore[return-value]
+        return self._training_runner("train", lambda: GraphedTrainingPass(vit), on_cuda)  # type: ignore[return-value]
 
     def prompt_pass(self, pool: nn.Module | None, on_cuda: bool) -> GraphedPromptPass | None:
         """The graphed training pass of the prompt ``pool`` on CUDA under autocast when ``graph_prompts`` (and
         ``cuda_graphs``) is on, else ``None`` (eager)."""
-        if pool is None or not (self.graph_prompts and on_cuda and self.uses_cuda_graphs
-                                and torch.is_autocast_enabled("cuda")):
+        if pool is None or not self.graph_prompts:
             return None
-        if "prompt" not in self.runners:
-            self.runners["prompt"] = GraphedPromptPass(pool)
-        return self.runners["prompt"]  # type: ignore[return-value]
+        return self._training_runner("prompt", lambda: GraphedPromptPass(pool), on_cuda)  # type: ignore[return-value]
+
+    def _training_runner(self, name: str, make: Callable[[], GraphedTrainingPass | GraphedPromptPass],
+                         on_cuda: bool) -> GraphedTrainingPass | GraphedPromptPass | None:
+        """The runner ``name`` (made once) for a training step on CUDA with graphs on and under autocast, else
+        ``None``."""
+        if not (on_cuda and self.uses_cuda_graphs and torch.is_autocast_enabled("cuda")):
+            return None
+        if name not in self.runners:
+            self.runners[name] = make()
+        return self.runners[name]  # type: ignore[return-value]
 
     def cast(self, vits: Sequence[PromptedViT], precision: str | torch.dtype | None) -> None:
         """Store the frozen weights of ``vits`` in the autocast dtype of ``precision`` (a trainer precision string such

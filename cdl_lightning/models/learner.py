@@ -345,22 +345,20 @@ class PromptLearner(LightningModule):
         # The loss every step (callback_metrics: the bar, checkpoint monitors); the rest in on_train_batch_end, only
         # on the steps the logger writes (each self.log costs about 1 ms of host time)
         self.log("train/loss", loss, batch_size=batch_size)
-        self._step_metrics = {"train/prompt_loss": student.prompt_loss.detach(), "train/task": task,
-                              "batch_size": batch_size}
         return loss
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after the callbacks' hooks, so a callback that stops the run at this step (Lightning then writes this
-        # step's metrics) is seen
-        metrics, self._step_metrics = getattr(self, "_step_metrics", None), None
-        if metrics is None or not self._logger_writes_this_step():
+        # step's metrics) is seen; the step's prompt loss is in `loss_terms`
+        terms = getattr(self, "loss_terms", None)  # (absent when a subclass's training_step does not set it)
+        if not terms or not self._logger_writes_this_step():
             return
-        batch_size = metrics["batch_size"]
-        self.log("train/prompt_loss", metrics["train/prompt_loss"], batch_size=batch_size)
+        prompt_loss, batch_size = terms["prompt loss"], batch[0].shape[0]
+        self.log("train/prompt_loss", prompt_loss, batch_size=batch_size)
         # filled on the device: a Python float would be copied to it, and that copy waits for the GPU
-        loss = metrics["train/prompt_loss"]
-        self.log("train/task", torch.full((), float(metrics["train/task"]), device=loss.device), batch_size=batch_size)
+        task = torch.full((), float(self.current_task), device=prompt_loss.device)
+        self.log("train/task", task, batch_size=batch_size)
 
     def _logger_writes_this_step(self) -> bool:
         """Whether the trainer's loggers write this training step's metrics: Lightning's own test

@@ -194,7 +194,43 @@ class _CloneGrad(torch.autograd.Function):
         return None if grad is None else grad.clone()
 
 
-class GraphedTrainingPass(_GraphCache):
+class _GraphedAutogradPass(_GraphCache):
+    """What the graphed training passes share: a pass that autograd records (some input needs a gradient), captured
+    forward and backward with `torch.cuda.make_graphed_callables`, keyed by its static arguments, its inputs'
+    signature and the autocast state, and replayed with `_CloneGrad` on every input that needs a gradient."""
+
+    def usable(self, tensors: Sequence[Tensor]) -> bool:
+        return (
+            self.disabled_reason is None
+            and all(t.is_cuda for t in tensors)
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in tensors)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    @staticmethod
+    def _key(static: Hashable, flat: Sequence[Tensor]) -> tuple:
+        signature = tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat)
+        return static, signature, _autocast_state("cuda")
+
+    @staticmethod
+    def _replay(graphed: Callable[..., Outputs], flat: Sequence[Tensor]) -> Outputs:
+        return graphed(*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat))
+
+    def _graph(self, run: Callable[..., Outputs], flat: Sequence[Tensor], what: str) -> Callable[..., Outputs] | None:
+        """``run`` captured forward and backward on copies of ``flat``; ``None`` (and eager from now on) if capture
+        fails."""
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        try:
+            with _capture_autocast():
+                return torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
+                                                         allow_unused_input=True)
+        except Exception as err:
+            self._disable(err, what)
+            return None
+
+
+class GraphedTrainingPass(_GraphedAutogradPass):
     """A frozen `PromptedViT`'s prompted pass, forward *and* backward, replayed from CUDA graphs.
 
     In a prompt learner's training step the frozen ViT's pass is the part autograd records: the prefixes and extra
@@ -216,15 +252,6 @@ class GraphedTrainingPass(_GraphCache):
         super().__init__([vit], max_graphs, warmup, capture_after)
         self.vit = vit
 
-    def usable(self, tensors: Sequence[Tensor]) -> bool:
-        return (
-            self.disabled_reason is None
-            and all(t.is_cuda for t in tensors)
-            and torch.is_grad_enabled()
-            and any(t.requires_grad for t in tensors)
-            and not torch.cuda.is_current_stream_capturing()
-        )
-
     def __call__(
         self,
         images: Tensor,
@@ -241,12 +268,10 @@ class GraphedTrainingPass(_GraphCache):
         if not self.usable(flat):
             return self.vit(images, prefixes, prepend, append, return_blocks)
         structure = (layers, prepend is not None, append is not None, return_blocks)
-        key = (structure, tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat),
-               _autocast_state("cuda"))
-        graphed = self._lookup(key, lambda: self._capture(flat, structure))
+        graphed = self._lookup(self._key(structure, flat), lambda: self._capture(flat, structure))
         if graphed is None:
             return self.vit(images, prefixes, prepend, append, return_blocks)
-        tokens, *blocks = graphed(*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat))
+        tokens, *blocks = self._replay(graphed, flat)
         return ViTOutput(tokens=tokens, blocks=blocks)
 
     def _capture(self, flat: Sequence[Tensor], structure: tuple) -> Callable[..., Outputs] | None:
@@ -260,17 +285,10 @@ class GraphedTrainingPass(_GraphCache):
             out = self.vit(tensors[0], prefixes, prepend, append, return_blocks)
             return (out.tokens, *out.blocks)
 
-        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
-        try:
-            with _capture_autocast():
-                return torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
-                                                         allow_unused_input=True)
-        except Exception as err:
-            self._disable(err, "the training pass")
-            return None
+        return self._graph(run, flat, "the training pass")
 
 
-class GraphedPromptPass(_GraphCache):
+class GraphedPromptPass(_GraphedAutogradPass):
     """A prompt pool's training pass, forward *and* backward, replayed from CUDA graphs.
 
     In a training step the pool assembles its prompts from the query and its trainable parameters (CODA-Prompt: per
@@ -293,28 +311,17 @@ class GraphedPromptPass(_GraphCache):
         super().__init__([pool], max_graphs, warmup, capture_after)
         self.pool = pool
 
-    def usable(self, tensors: Sequence[Tensor]) -> bool:
-        return (
-            self.disabled_reason is None
-            and all(t.is_cuda for t in tensors)
-            and torch.is_grad_enabled()
-            and any(t.requires_grad for t in tensors)
-            and not torch.cuda.is_current_stream_capturing()
-        )
-
     def __call__(self, query: Tensor, task: int, train: bool) -> PromptOutput:
         named = list(self.pool.named_parameters())
         names = tuple(name for name, _ in named)
         flat = [query, *(p for _, p in named)]
         if not self.usable(flat):
             return self.pool(query, task, train)
-        key = (task, train, names, tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad) for t in flat),
-               _autocast_state("cuda"))
-        entry = self._lookup(key, lambda: self._capture(flat, names, task, train))
+        entry = self._lookup(self._key((task, train, names), flat), lambda: self._capture(flat, names, task, train))
         if entry is None:
             return self.pool(query, task, train)
         graphed, layout = entry  # type: ignore[misc]
-        return layout.unflatten(graphed(*(_CloneGrad.apply(t) if t.requires_grad else t for t in flat)))
+        return layout.unflatten(self._replay(graphed, flat))
 
     def runner(self, names: Sequence[str], task: int, train: bool) -> tuple[Callable[..., Outputs], _PromptLayout]:
         """``run(query, *parameters) -> flat outputs`` (the pool through `torch.func.functional_call`) and the layout
@@ -329,15 +336,8 @@ class GraphedPromptPass(_GraphCache):
 
     def _capture(self, flat: Sequence[Tensor], names: Sequence[str], task: int, train: bool) -> tuple | None:
         run, layout = self.runner(names, task, train)
-        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
-        try:
-            with _capture_autocast():
-                graphed = torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
-                                                            allow_unused_input=True)
-        except Exception as err:
-            self._disable(err, "the prompt pass")
-            return None
-        return graphed, layout
+        graphed = self._graph(run, flat, "the prompt pass")
+        return None if graphed is None else (graphed, layout)
 
 
 class _PromptLayout:
