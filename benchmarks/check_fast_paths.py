@@ -1,5 +1,7 @@
-"""Check on a GPU that the speed paths change no numbers: frozen weights stored in bf16 (``cast_frozen_weights``) and
-CUDA graphs for the gradient-free passes (``cuda_graphs``), against the plain eager run with fp32 frozen weights.
+"""Check on a GPU that the speed paths change no numbers: frozen weights stored in bf16 (``cast_frozen_weights``),
+CUDA graphs for the frozen passes and the prompted training pass (``cuda_graphs``), the prompt pool's training pass
+from CUDA graphs (``graph_prompts``) and the teacher on a second CUDA stream (``concurrent_teacher``), against the
+plain eager run with fp32 frozen weights.
 
 1. ``step``: a ViT-B -> ViT-S KDP distiller (CODA teacher) at 224 px, ``--steps`` training steps under bf16 autocast
    (``training_step`` + backward + Adam), then eval logits: losses, learned parameters and logits are compared.
@@ -8,7 +10,7 @@ CUDA graphs for the gradient-free passes (``cuda_graphs``), against the plain ea
    goes through Lightning's setup, ``inference_mode`` validation and the task switches).
 
 Prints what it compared and exits 1 on a mismatch. ``--tiny`` runs part 1 with tiny ViTs (any device).
-``--graph-prompts`` adds ``graph_prompts=True`` (the prompt pool's training pass from CUDA graphs) to the fast paths.
+``--no-graph-prompts`` / ``--no-concurrent-teacher`` leave one of those two out of the fast paths.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, torch.Tensor, dict]:
     s = tp.Settings(s.device, s.tiny, 0, 0, False, cast_weights=fast, cuda_graphs=fast,
-                    graph_prompts=fast and s.graph_prompts)
+                    graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
                       task_sizes=tp.TASK_SIZES, epochs_per_task=1)
@@ -62,6 +64,7 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     with torch.no_grad(), torch.autocast(s.device.type, dtype=torch.bfloat16):
         logits = model(batches[0][0], task=0)
     runners = {name: (r.captures, r.replays) for name, r in model.graph_runners.items()}
+    runners["side streams"] = len(model.fast_paths.streams)
     return losses, model.trainable_state(), logits, runners
 
 
@@ -79,6 +82,7 @@ def check_steps(steps: int, s: tp.Settings) -> bool:
     if s.device.type == "cuda":
         expected = ("teacher", "query", "train", *(("prompt",) if s.graph_prompts else ()))
         ok &= all(runners.get(name, (0, 0))[1] > 0 for name in expected)
+        ok &= runners["side streams"] == int(s.concurrent_teacher)
     return ok
 
 
@@ -95,7 +99,7 @@ def fit(model: PromptLearner, data: ContinualDataModule, root: Path) -> tuple[to
     return evaluation.matrix, model.trainable_state()
 
 
-def check_fit(graph_prompts: bool = False) -> bool:
+def check_fit(s: tp.Settings) -> bool:
     print("# fit check: tiny CODA teacher, then a KDP student, Trainer(gpu, bf16-mixed), fast paths on vs off")
     tiny = {"img_size": 32, "patch_size": 8, "depth": 4, "num_heads": 2}
     teacher_vit = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**tiny, "embed_dim": 64})
@@ -108,13 +112,14 @@ def check_fit(graph_prompts: bool = False) -> bool:
             root = Path(directory) / f"fast_{fast}"
             data = ContinualDataModule(source=SyntheticShapes(num_classes=8, train_per_class=32, test_per_class=8),
                                        num_tasks=2, epochs_per_task=2, batch_size=16, image_size=32)
-            flags = dict(cast_frozen_weights=fast, cuda_graphs=fast, graph_prompts=fast and graph_prompts)
+            flags = dict(cast_frozen_weights=fast, cuda_graphs=fast, graph_prompts=fast and s.graph_prompts)
             torch.manual_seed(0)
             teacher = PromptLearner(backbone=teacher_vit, prompt=coda, **data.model_kwargs(), **flags)
             teacher_matrix, _ = fit(teacher, data, root / "teacher")
             torch.manual_seed(1)
             student = Distiller(method=KDP(), teacher_checkpoint=str(root / "teacher/checkpoints/last.ckpt"),
-                                backbone=student_vit, prompt=coda, **data.model_kwargs(), **flags)
+                                backbone=student_vit, prompt=coda, **data.model_kwargs(), **flags,
+                                concurrent_teacher=fast and s.concurrent_teacher)
             student_matrix, state = fit(student, data, root / "student")
             runners = {name: (r.captures, r.replays) for name, r in student.graph_runners.items()}
             print(f"  fast={fast}: teacher matrix {teacher_matrix.tolist()}, student matrix {student_matrix.tolist()}, "
@@ -132,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs; no fit check unless on CUDA")
-    parser.add_argument("--graph-prompts", action="store_true", help="the fast paths include graph_prompts=True (the "
+    parser.add_argument("--no-graph-prompts", action="store_true", help="the fast paths without graph_prompts (the "
                         "prompt pool's training pass from CUDA graphs)")
+    parser.add_argument("--no-concurrent-teacher", action="store_true", help="the fast paths without "
+                        "concurrent_teacher (the teacher's pass on a second CUDA stream)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=args.graph_prompts)
+    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=not args.no_graph_prompts,
+                    concurrent_teacher=not args.no_concurrent_teacher)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
     if device.type == "cuda":
-        ok &= check_fit(args.graph_prompts)
+        ok &= check_fit(s)
     print("OK: the fast paths match the eager fp32-weight run" if ok else "MISMATCH")
     return 0 if ok else 1
 

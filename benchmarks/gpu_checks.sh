@@ -12,9 +12,10 @@
 #           (cdl_lightning.callbacks.SigtermCheck): the same matrix is expected, the speed is the question
 #   prof1   e2e1 as 2 tasks of 50 classes, each run with --profile-steps 20 --profile-at 100 (torch.profiler inside the
 #           real loop: per-step wall / GPU kernel / GPU idle ms, host-device calls, top host ops; Chrome traces .json.gz)
-#   gprompt graph_prompts=True (the prompt pool's training pass from CUDA graphs): check_fast_paths.py --graph-prompts
-#           (bitwise against eager), throughput.py train-learner + train-distill b-s bf16 without and with it, and
-#           the e2e1 student again with it (needs e2e1 first, for the teacher checkpoint)
+#   paths   the default fast paths: check_fast_paths.py (bitwise against eager), then throughput.py train-learner +
+#           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --no-graph-prompts
+#   e2e1v   the e2e1 student again with concurrent_teacher off, then with graph_prompts off too (the defaults before
+#           2026-12-01): the two levers' effect on the real run (needs e2e1 first, for the teacher checkpoint)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
@@ -84,19 +85,24 @@ for part in $PARTS; do
           --out "$RUNS/prof1" "${teacher[@]}" --no-step --profile-steps 20 --profile-at 100 \
           --profile-trace "$OUT/profile_$model.json.gz"
       done ;;
-    gprompt)
-      note "check_fast_paths --graph-prompts"
-      python3 benchmarks/check_fast_paths.py --graph-prompts > "$OUT/check_graph_prompts.log" 2>&1
-      keep; tail -6 "$OUT/check_graph_prompts.log"
-      for flag in "" --graph-prompts; do
-        note "throughput b-s bf16 ${flag:-(graph_prompts off)}"
+    paths)
+      note "check_fast_paths (the default fast paths against eager)"
+      python3 benchmarks/check_fast_paths.py > "$OUT/check_fast_paths.log" 2>&1
+      keep; tail -6 "$OUT/check_fast_paths.log"
+      for flag in "" --no-concurrent-teacher --no-graph-prompts; do
+        name=throughput_bf16${flag:+_${flag#--}}
+        note "throughput b-s bf16 ${flag:-(defaults)}"
         python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
-          > "$OUT/throughput_bf16${flag:+_graph_prompts}.log" 2>&1
-        keep; tail -8 "$OUT/throughput_bf16${flag:+_graph_prompts}.log"
-      done
-      e2e_one_gpu e2e_student_1gpu_graph_prompts "ViT-B -> ViT-S KDP student, 1 GPU, graph_prompts=True" \
-        --model kdp-b-s --out "$RUNS/gpu1gp" --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" \
-        -- --model.init_args.graph_prompts true ;;
+          > "$OUT/$name.log" 2>&1
+        keep; tail -6 "$OUT/$name.log"
+      done ;;
+    e2e1v)
+      for off in concurrent_teacher "concurrent_teacher graph_prompts"; do
+        name=e2e_student_1gpu_no_${off// /_no_}
+        flags=(); for flag in $off; do flags+=(--model.init_args.$flag false); done
+        e2e_one_gpu "$name" "ViT-B -> ViT-S KDP student, 1 GPU, $off off" --model kdp-b-s --out "$RUNS/${name}" \
+          --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" -- "${flags[@]}"
+      done ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
       cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;

@@ -65,7 +65,8 @@ class Settings:
     compile: bool
     cast_weights: bool = True
     cuda_graphs: bool = True
-    graph_prompts: bool = False
+    graph_prompts: bool = True
+    concurrent_teacher: bool = True
 
 
 @dataclass
@@ -103,6 +104,7 @@ def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     model.fast_paths.cuda_graphs = s.cuda_graphs
     model.fast_paths.graph_prompts = s.graph_prompts
+    model.fast_paths.side_stream = s.concurrent_teacher  # a distiller's `concurrent_teacher` (learners: no effect)
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
@@ -256,8 +258,8 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
     env = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
            "lightning": lightning.__version__, "device": str(s.device), "precision": args.precision,
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
-           "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs,
-           "cudnn_benchmark": torch.backends.cudnn.benchmark, "tiny": s.tiny,
+           "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs, "graph_prompts": s.graph_prompts,
+           "concurrent_teacher": s.concurrent_teacher, "cudnn_benchmark": torch.backends.cudnn.benchmark, "tiny": s.tiny,
            "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none"}
@@ -297,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "
                         "cuda_graphs=False")
-    parser.add_argument("--graph-prompts", action="store_true", help="graph_prompts=True: the prompt pool's "
-                        "training pass (forward and backward) from CUDA graphs too")
+    parser.add_argument("--no-graph-prompts", action="store_true", help="graph_prompts=False: the prompt pool's "
+                        "training pass (assembly, forward and backward) eager instead of from CUDA graphs")
+    parser.add_argument("--no-concurrent-teacher", action="store_true", help="train-distill: run the teacher's pass "
+                        "before the student's on one CUDA stream, i.e. concurrent_teacher=False")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
                         "Trainer's `benchmark: true`): cuDNN times its algorithms for the patch-embedding convolution")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("CUDA is not available: run on a GPU machine, or pass --tiny for the CPU smoke test")
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
-                 not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts)
+                 not args.fp32_frozen_weights, not args.no_cuda_graphs, not args.no_graph_prompts,
+                 not args.no_concurrent_teacher)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

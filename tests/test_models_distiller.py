@@ -271,6 +271,29 @@ def test_teacher_stays_in_eval_mode_and_moves_with_the_module(teacher):
     assert all(p.dtype == torch.float64 for p in distiller.teacher.parameters())
 
 
+def test_concurrent_teacher_is_a_flag_of_the_fast_paths_and_a_plain_call_off_cuda(teacher):
+    """``concurrent_teacher`` (default on) puts the teacher's pass on a second CUDA stream (`FastPaths.aside`); off
+    CUDA it is the plain call: the same loss either way, nothing left pending. The stream itself is checked on a GPU
+    (``tests/gpu/test_gpu_fast_paths.py``)."""
+    data = make_data()
+    models = {}
+    for flag in (True, False):
+        torch.manual_seed(0)
+        model = Distiller(method=KDP(), teacher_checkpoint=teacher.last, concurrent_teacher=flag,
+                          **student_kwargs(data))
+        assert model.fast_paths.side_stream is flag and model.hparams["concurrent_teacher"] is flag
+        model.log = lambda *args, **kwargs: None
+        model.open_task(0)
+        models[flag] = model
+    batch = (images_batch(4), torch.tensor([0, 1, 2, 3]), torch.zeros(4, dtype=torch.long))
+    losses = {flag: model.training_step(batch, 0) for flag, model in models.items()}
+    assert torch.isfinite(losses[True]) and torch.equal(losses[True], losses[False])
+    assert models[True].fast_paths._pending == [] and models[True].fast_paths.streams == {}
+    called = []
+    assert models[True].fast_paths.aside(lambda: called.append(1) or (torch.ones(1),), [torch.zeros(1)])[0] == 1
+    assert called == [1] and models[True].fast_paths._pending == []
+
+
 def test_distiller_teacher_reproduces_the_teacher_run(teacher):
     """The teacher a student distils from must be the network the teacher run trained: same logits on any image.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass
 from cdl_lightning.nn.vit import PromptedViT
@@ -33,21 +33,31 @@ class FastPaths:
             (`GraphedFunction`), the prompted training pass forward and backward through `training_pass`
             (`GraphedTrainingPass`, under mixed precision only).
         graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (prompt assembly, forward
-            and backward) from CUDA graphs (`GraphedPromptPass`, under mixed precision only). Off by default until
-            checked bitwise against eager on a GPU (``benchmarks/check_fast_paths.py``, ``tests/gpu``).
+            and backward) from CUDA graphs (`GraphedPromptPass`, under mixed precision only); bitwise equal to eager
+            on an H200 (``benchmarks/check_fast_paths.py``, ``tests/gpu``).
+        side_stream: with ``cuda_graphs``, run the passes given to `aside` (a distiller's teacher) on a second CUDA
+            stream, concurrently with what the step queues next (the student's passes), until `join`. The same
+            kernels (graph replays) run, only at the same time as others, so every number is unchanged; the GPU is
+            busier because a ViT-S pass at batch 64 leaves much of an H200 idle. Each `GraphedFunction` captures on
+            its own stream: graphs captured on one shared stream share cuBLAS's workspace and, replayed concurrently,
+            corrupted each other's results (NaN losses on an H200 before that fix).
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
+        streams: the second CUDA stream of each device `aside` ran on (created on first use).
     """
 
     def __init__(
         self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True,
-        graph_prompts: bool = False,
+        graph_prompts: bool = True, side_stream: bool = False,
     ) -> None:
         self.compile = compile
         self.cast_frozen_weights = cast_frozen_weights
         self.cuda_graphs = cuda_graphs
         self.graph_prompts = graph_prompts
+        self.side_stream = side_stream
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self.runners: dict[str, GraphedFunction | GraphedTrainingPass | GraphedPromptPass] = {}
         self._compiled = False
 
@@ -91,6 +101,34 @@ class FastPaths:
             self.runners[name] = make()
         return self.runners[name]  # type: ignore[return-value]
 
+    def aside(self, fn: Callable[[], tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """``fn()`` (a gradient-free pass over ``inputs``) queued on this device's second stream when ``side_stream``
+        is on (CUDA graphs on, inputs on CUDA), else run as is. The second stream first waits for everything queued
+        so far; the returned tensors may only be read after `join`. Until then the inputs' and outputs' memory is
+        kept from reuse (``record_stream``)."""
+        device = inputs[0].device if inputs else None
+        if not (self.side_stream and self.uses_cuda_graphs and device is not None and device.type == "cuda"):
+            return fn()
+        main = torch.cuda.current_stream(device)
+        side = self.streams.get(device)
+        if side is None:
+            side = self.streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            outputs = fn()
+        for tensor in inputs:
+            tensor.record_stream(side)  # freed by the caller while the side stream reads it: not reused before
+        for tensor in outputs:
+            tensor.record_stream(main)  # made on the side stream, read and freed on the main one
+        self._pending.append((main, side.record_event()))
+        return outputs
+
+    def join(self) -> None:
+        """Make the stream that called `aside` wait for the passes it queued there (a no-op when none are pending)."""
+        for main, done in self._pending:
+            main.wait_event(done)
+        self._pending.clear()
+
     def cast(self, vits: Sequence[PromptedViT], precision: str | torch.dtype | None) -> None:
         """Store the frozen weights of ``vits`` in the autocast dtype of ``precision`` (a trainer precision string such
         as ``"bf16-mixed"`` or a dtype) when ``cast_frozen_weights`` is on; full precisions leave them alone."""
@@ -116,4 +154,5 @@ class FastPaths:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
-                f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, runners={sorted(self.runners)})")
+                f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, side_stream={self.side_stream}, "
+                f"runners={sorted(self.runners)})")

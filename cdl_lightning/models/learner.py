@@ -124,10 +124,11 @@ class PromptLearner(LightningModule):
             prompted training pass forward and backward via `GraphedTrainingPass`. One launch instead of hundreds per
             pass; eager steps are bound by kernel-launch overhead. Same kernels, same results.
         graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (the prompt assembly from
-            the query, forward and backward) from CUDA graphs (`GraphedPromptPass`): on one H200 a ViT-B -> ViT-S KDP
-            student step spent ~6 ms of host time assembling CODA prompts and most of its 13 ms of backward host
-            time in their autograd nodes, against 29 ms of GPU work. Off until checked bitwise against eager on a GPU
-            (``benchmarks/check_fast_paths.py``).
+            the query, forward and backward) from CUDA graphs (`GraphedPromptPass`, one capture per task): eagerly,
+            a ViT-B -> ViT-S KDP student step on one H200 spent ~6 ms of host time assembling CODA prompts and most
+            of its 13 ms of backward host time in their autograd nodes. Bitwise equal to eager under bf16 on an H200
+            (``benchmarks/check_fast_paths.py``, ``tests/gpu``); measured there: the B->S step 2,152 -> 2,177 img/s,
+            a real 10-task run's training 1,788 -> 1,827 img/s.
     """
 
     def __init__(
@@ -144,7 +145,7 @@ class PromptLearner(LightningModule):
         compile: bool = False,
         cast_frozen_weights: bool = True,
         cuda_graphs: bool = True,
-        graph_prompts: bool = False,
+        graph_prompts: bool = True,
         task_sizes: list[int] | None = None,
         epochs_per_task: int | None = None,
         class_names: list[str] | None = None,
@@ -331,8 +332,9 @@ class PromptLearner(LightningModule):
         if task != self._labels_checked_task:  # once per task: the check syncs with the device
             self._check_labels(targets, task, start, stop)
         query = self.query(images) if self.classifier.prompt is not None else None
-        teacher = self.teacher_forward(images, task, query)
+        teacher = self.teacher_forward(images, task, query)  # may still run on a second stream (concurrent_teacher)
         student = self.student_forward(images, task, train=True, query=query)
+        self.fast_paths.join()
         task_loss = self.method.loss(student, teacher, targets, start, stop)
         loss = task_loss + student.prompt_loss
         # the terms by name, as device tensors, for `callbacks.DivergenceCheck` (it reads them without a per-step sync)

@@ -134,6 +134,7 @@ class GraphedFunction(_GraphCache):
     ) -> None:
         super().__init__(modules, max_graphs, warmup, capture_after)
         self.fn = fn
+        self.stream: torch.cuda.Stream | None = None  # the warm-up and capture stream (created on first capture)
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         """Whether this call can run from a graph (CUDA inputs, autograd not recording, graphs not disabled)."""
@@ -151,8 +152,10 @@ class GraphedFunction(_GraphCache):
         key = tuple(sorted(static.items()))
         signature = (key, _signature(tensors), _autocast_state("cuda"), torch.is_inference_mode_enabled())
         entry = self._lookup(signature, lambda: self._capture(tensors, static))
-        if entry is None:
-            return self.fn(*tensors, **static)
+        if entry is None:  # before capture: eager, returned in the layout of a replay's clones (a view such as the
+            # CLS token of an eager pass is strided; its clone is not), so that a graphed pass downstream keyed by its
+            # inputs' strides sees the same signature on every call
+            return tuple(out.clone() for out in self.fn(*tensors, **static))
         for buffer, tensor in zip(entry.inputs, tensors, strict=True):
             buffer.copy_(tensor)
         entry.graph.replay()
@@ -162,14 +165,17 @@ class GraphedFunction(_GraphCache):
         inputs = tuple(t.clone() for t in tensors)
         device = inputs[0].device
         try:
-            side = torch.cuda.Stream(device=device)
+            # this wrapper's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
+            # with the address it captured, so graphs captured on one shared stream (`torch.cuda.graph`'s default)
+            # share a workspace and would corrupt each other's results when replayed concurrently (`FastPaths.aside`)
+            side = self.stream = self.stream or torch.cuda.Stream(device=device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*inputs, **static)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), _capture_autocast():
+            with torch.cuda.graph(graph, stream=side), _capture_autocast():
                 outputs = self.fn(*inputs, **static)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
             self._disable(err, "a gradient-free pass")

@@ -56,14 +56,14 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def hand_steps(fast: bool, checkpoint: str, precision: str, graph_prompts: bool = False) -> SimpleNamespace:
+def hand_steps(fast: bool, checkpoint: str, precision: str, **flags: bool) -> SimpleNamespace:
     """``STEPS`` training steps (``training_step`` + backward + plain SGD) of a ViT-B -> ViT-S KDP student, then eval
-    logits; ``fast`` = frozen weights in the autocast dtype and CUDA graphs (and, with ``graph_prompts``, the prompt
-    pool's training pass graphed too), else eager with fp32 frozen weights."""
+    logits; ``fast`` = the default speed paths (frozen weights in the autocast dtype, CUDA graphs including the
+    prompt pool's training pass, the teacher on a second stream; ``flags`` switch single ones off), else eager with
+    fp32 frozen weights."""
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=VIT_S, prompt=CODA_224,
-                      task_sizes=TASK_SIZES, epochs_per_task=1, cast_frozen_weights=fast, cuda_graphs=fast,
-                      graph_prompts=fast and graph_prompts)
+                      task_sizes=TASK_SIZES, epochs_per_task=1, cast_frozen_weights=fast, cuda_graphs=fast, **flags)
     model.log = lambda *args, **kwargs: None  # no trainer: self.log would warn on every call
     model = model.cuda()
     model.open_task(0)
@@ -93,7 +93,8 @@ def hand_steps(fast: bool, checkpoint: str, precision: str, graph_prompts: bool 
         inference_logits = [model(batches[1][0], task=0) for _ in range(2)][-1]
     torch.cuda.synchronize()
     return SimpleNamespace(losses=torch.stack(losses), state=model.trainable_state(), logits=logits,
-                           inference_logits=inference_logits, counters=counters(model))
+                           inference_logits=inference_logits, counters=counters(model),
+                           side_streams=len(model.fast_paths.streams))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -105,8 +106,9 @@ def test_hand_steps_fast_paths_equal_eager(teacher_checkpoint, precision):
     # (the training pass is graphed under mixed precision only: in fp32 its backward summed in another order)
     expected = {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "logits": (2, 2)}  # logits: no_grad, inference
     if precision == "bf16":
-        expected["train"] = (1, STEPS - 1)
+        expected["train"] = expected["prompt"] = (1, STEPS - 1)
     assert fast.counters == expected, fast.counters
+    assert eager.side_streams == 0 and fast.side_streams == 1  # the teacher ran on a second stream
     assert_bitwise(fast.losses, eager.losses, "training losses")
     assert fast.state.keys() == eager.state.keys()
     # bf16-mixed (the default and the paper configs): bitwise. fp32: the learned prompts differ in the last bits
@@ -129,13 +131,15 @@ def test_hand_steps_fast_paths_equal_eager(teacher_checkpoint, precision):
             pytest.xfail(f"fp32 eval logits ({name}) from CUDA graphs differ from eager by up to {diff:.3g}")
 
 
-def test_graph_prompts_equal_eager(teacher_checkpoint):
-    """``graph_prompts=True`` (CODA's prompt assembly, forward and backward, from CUDA graphs) under bf16: the same
-    losses, learned parameters and logits as the eager run, bit for bit; one capture, then replays. If this fails,
-    ``graph_prompts`` stays off by default and the measured difference goes into its docstring."""
+@pytest.mark.parametrize("off", ["graph_prompts", "concurrent_teacher"])
+def test_each_default_fast_path_off_equals_eager(teacher_checkpoint, off):
+    """With ``graph_prompts`` (CODA's prompt assembly from CUDA graphs) or ``concurrent_teacher`` (the teacher on a
+    second stream) switched off, the other fast paths still give the eager run's numbers bit for bit under bf16: so
+    each of the two is bitwise on its own too, with the all-on run of `test_hand_steps_fast_paths_equal_eager`."""
     eager = hand_steps(False, teacher_checkpoint, "bf16")
-    fast = hand_steps(True, teacher_checkpoint, "bf16", graph_prompts=True)
-    assert fast.counters.get("prompt") == (1, STEPS - 1), fast.counters
+    fast = hand_steps(True, teacher_checkpoint, "bf16", **{off: False})
+    assert ("prompt" in fast.counters) == (off != "graph_prompts"), fast.counters
+    assert fast.side_streams == (off != "concurrent_teacher")
     assert_bitwise(fast.losses, eager.losses, "training losses")
     for name, value in eager.state.items():
         assert_bitwise(fast.state[name], value, f"learned {name}")
@@ -200,12 +204,14 @@ def expected_counters(num_tasks: int, teacher: bool) -> dict[str, tuple[int, int
     """Captures and replays of a `fit_pair` model: ``make_data`` gives 8 full training batches per epoch (2 epochs per
     task) and ``2 (t + 1)`` full eval batches at the end of task ``t``: one input shape per pass. The query and
     training passes are captured once; evaluation (and a distiller's teacher) once per task today, once in all
-    when `GRAPHS_SHARED_ACROSS_TASKS`. A graph is captured on its key's second call (`capture_after=2`): each key's
-    first call runs eagerly, the others replay."""
+    when `GRAPHS_SHARED_ACROSS_TASKS`; the prompt pool's training pass once per task (its slices change with the
+    task). A graph is captured on its key's second call (`capture_after=2`): each key's first call runs eagerly, the
+    others replay."""
     steps = num_tasks * 2 * 8
     keys = 1 if GRAPHS_SHARED_ACROSS_TASKS else num_tasks
     eval_batches = sum(2 * (t + 1) for t in range(num_tasks))
-    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys)}
+    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys),
+                "prompt": (num_tasks, steps - num_tasks)}
     if teacher:
         expected["teacher"] = (keys, steps - keys)
     return expected
