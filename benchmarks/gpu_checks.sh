@@ -16,6 +16,7 @@
 #           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --no-graph-prompts
 #   e2e1v   the e2e1 student again with concurrent_teacher off, then with graph_prompts off too (the defaults before
 #           2026-12-01): the two levers' effect on the real run (needs e2e1 first, for the teacher checkpoint)
+#   ckpt1   the e2e1 teacher twice, with checkpoints written in place and in the background (--checkpoint.background)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
@@ -110,6 +111,11 @@ for part in $PARTS; do
       e2e_two_gpus e2e_teacher_2gpu_sigterm50 gpu2s metrics_teacher_2gpu_sigterm50.json \
         "2 GPUs DDP, SIGTERM check every 50 steps" \
         --trainer.callbacks+=cdl_lightning.callbacks.SigtermCheck --trainer.callbacks.every_n_steps=50 ;;
+    ckpt1)
+      for background in false true; do
+        e2e_one_gpu "e2e_teacher_1gpu_ckpt_background_$background" "ViT-B CODA teacher, 1 GPU, checkpoint.background \
+$background" --model coda-b --out "$RUNS/ckpt_$background" -- --checkpoint.background "$background"
+      done ;;
     deploy)
       note "deploy: ViT-B teacher vs ViT-S student (random weights), CUDA"
       CUDA_VISIBLE_DEVICES=0 python3 benchmarks/deploy.py --random vit_base/vit_small --device cuda \

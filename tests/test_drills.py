@@ -106,9 +106,11 @@ def test_nan_loss_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()  # no task finished: nothing that looks like a result
 
 
-def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path, uninterrupted):
+@pytest.mark.parametrize("background", [False, True], ids=["in_place", "background"])
+def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path, uninterrupted, background):
     poison_step = 13  # before the second batch of task 2's epoch 2
-    args = fit_args(tmp_path, "--trainer.callbacks+=_drill_helpers.PoisonAt", f"--trainer.callbacks.step={poison_step}")
+    args = fit_args(tmp_path, "--trainer.callbacks+=_drill_helpers.PoisonAt", f"--trainer.callbacks.step={poison_step}",
+                    "--checkpoint.background", str(background).lower())
     process = cdl(args)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 1, err[-2000:]
@@ -188,6 +190,40 @@ def test_divergence_check_reads_its_flags_every_n_steps(tmp_path):
     assert "non-finite squared output first at step 3" in message
     assert "non-finite trainable parameters (layer.weight, layer.bias)" in message
     assert trainer.global_step == 4
+
+
+def test_background_checkpoints_hold_the_same_states_and_a_failed_write_fails_the_run(tmp_path, uninterrupted,
+                                                                                      monkeypatch):
+    """``checkpoint.background``: the files are written by a thread while training goes on, yet every one holds the
+    state of its own moment (the resumed-after-divergence drill above checks a mid-run one; here the last one), and a
+    write that fails stops the run with an error instead of leaving it without checkpoints."""
+    cli_main(fit_args(tmp_path / "ok", "--checkpoint.background", "true"))
+    assert_same_run(tmp_path / "ok", uninterrupted)
+    from cdl_lightning.callbacks.checkpoint import RunCheckpoint
+
+    assert RunCheckpoint().background is True and RunCheckpoint(save_top_k=2, monitor="cl/acc").background is False
+    with pytest.raises(ValueError, match="background=true with save_top_k=2 is not supported"):
+        RunCheckpoint(save_top_k=2, monitor="cl/acc", background=True)
+
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+    writers = []
+
+    def failing_save(self, checkpoint, path, storage_options=None):
+        writers.append(isinstance(self, TorchCheckpointIO))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", failing_save)
+    wrapped = []
+    original = AsyncCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AsyncCheckpointIO, "save_checkpoint",
+                        lambda self, *a, **k: wrapped.append(1) or original(self, *a, **k))
+    with pytest.raises((OSError, SystemExit)) as failure:
+        cli_main(fit_args(tmp_path / "full_disk", "--checkpoint.background", "true"))
+    assert writers and wrapped  # the write went through the background wrapper and failed there
+    if isinstance(failure.value, SystemExit):
+        assert failure.value.code not in (0, None)
+    assert not (tmp_path / "full_disk" / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_epoch_end_saving_cannot_be_switched_off_silently():

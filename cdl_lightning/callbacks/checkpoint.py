@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from typing_extensions import override
 
 __all__ = ["RunCheckpoint"]
@@ -25,6 +26,11 @@ class RunCheckpoint(ModelCheckpoint):
       it), so copying or moving a run folder keeps it valid. With the default ``save_top_k=0`` it is the only file.
     - Never saves on an exception whose ``keeps_last_checkpoint`` attribute is true (a diverged run: its state is not
       worth keeping and must not replace the last good one).
+    - The files are written in a background thread (``background``, Lightning's `AsyncCheckpointIO`): the tensors
+      are copied when the checkpoint is taken, so the file holds that moment's state, and training goes on while it
+      is serialised and written. The run waits for the last write before ``fit`` returns (and at interpreter exit); a
+      failed write fails the run at the next checkpoint or at the end. An interruption mid-write leaves the previous
+      ``last.ckpt`` (the write is atomic).
 
     Args:
         dirpath: folder of the checkpoints (default: the logger's ``log_dir/checkpoints``).
@@ -35,6 +41,11 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: extra numbered checkpoints to keep besides ``last.ckpt`` (default ``0``: none).
         enable_version_counter: ``False`` keeps the name ``last.ckpt`` after a resume or a re-run (distiller configs
             point at ``.../checkpoints/last.ckpt``).
+        background: write in a background thread (see above); ``None`` (default) = on unless ``save_top_k`` keeps
+            numbered files (Lightning deletes older ones from the main thread, possibly while one is being written).
+            A ViT-B CODA teacher's ``last.ckpt`` grows to ~170 MB by its tenth task (a snapshot of the trainable
+            state per task). On one H200 a 10-task run's 10 checkpoints held training up for 3.67 s in place and
+            1.46 s in the background (plus 1.25 s waiting for the last write at the end), its training as fast.
         **kwargs: further `ModelCheckpoint` arguments (``monitor``, ``mode``, ``save_on_exception``, ...).
     """
 
@@ -47,6 +58,7 @@ class RunCheckpoint(ModelCheckpoint):
         save_last: bool | Literal["link"] | None = True,
         save_top_k: int = 0,
         enable_version_counter: bool = False,
+        background: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if every_n_epochs < 0:
@@ -68,6 +80,18 @@ class RunCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.epoch_interval = every_n_epochs
+        if background and save_top_k != 0:
+            raise ValueError(f"checkpoint.background=true with save_top_k={save_top_k} is not supported: Lightning "
+                             "deletes older numbered checkpoints while a background write may be in flight; set "
+                             "save_top_k 0 (only last.ckpt) or background false")
+        self.background = save_top_k == 0 if background is None else background
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.background and stage == "fit" and not isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+            # the strategy tears its checkpoint IO down at the end of the run: AsyncCheckpointIO then waits
+            trainer.strategy.checkpoint_io = AsyncCheckpointIO(trainer.strategy.checkpoint_io)
 
     @override
     def on_train_batch_end(
