@@ -259,8 +259,8 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
            "lightning": lightning.__version__, "device": str(s.device), "precision": args.precision,
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
            "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs, "graph_prompts": s.graph_prompts,
-           "concurrent_teacher": s.concurrent_teacher, "cudnn_benchmark": torch.backends.cudnn.benchmark, "tiny": s.tiny,
-           "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
+           "concurrent_teacher": s.concurrent_teacher, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+           "tiny": s.tiny, "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none"}
     print("# environment\n" + "\n".join(f"  {key:<25} {value}" for key, value in env.items()))
