@@ -300,3 +300,127 @@ def test_clone_grad_keeps_a_missing_gradient_missing():
     y = torch.randn(3, requires_grad=True)
     (_CloneGrad.apply(y) * 3).sum().backward()
     assert torch.equal(y.grad, torch.full((3,), 3.0))
+
+
+class _FakeStream:
+    """A stream of a fake PyTorch stream pool: equal when it is the same pool slot (as two `torch.cuda.Stream`
+    objects of one slot are one CUDA stream), recording what waited on what."""
+
+    def __init__(self, device: torch.device, pool: int, slot: int) -> None:
+        self.device, self.key, self.waited, self.events = device, (device, pool, slot), [], []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FakeStream) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.waited.append(other)
+
+    def record_event(self) -> str:
+        self.events.append(f"event {len(self.events)}")
+        return self.events[-1]
+
+    def wait_event(self, event: str) -> None:
+        self.waited.append(event)
+
+
+class _FakePool:
+    """`torch.cuda.Stream(device, priority)` as c10/cuda/CUDAStream.cpp hands pool streams out: 32 per device and
+    priority pool, round-robin (a priority maps to its pool, clamped to the pools there are)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple, int] = {}
+
+    def __call__(self, device: torch.device | None = None, priority: int = 0) -> _FakeStream:
+        device = torch.device("cuda", 0) if device is None else torch.device(device)
+        pool = max(0, min(-priority, 3))
+        n = self.counters[device, pool] = self.counters.get((device, pool), -1) + 1
+        return _FakeStream(device, pool, n % 32)
+
+
+def test_capture_and_side_streams_never_alias_the_streams_other_code_draws():
+    """cuBLAS keeps a workspace per (handle, stream) and a graph replays with its capture stream's one. A
+    `GraphedFunction`'s capture stream (and `FastPaths`' second stream) must therefore never be a stream that
+    `torch.cuda.make_graphed_callables` captures the student's passes on, which `torch.cuda.Stream()` draws from the
+    default-priority pool: 32 streams handed out round-robin, so the 33rd draw is the first again. They come from the
+    high-priority pool; a move to another GPU gets that GPU's stream (a stream of the old one would capture nothing)."""
+    from cdl_lightning.nn.graphs import private_stream
+
+    pool, cuda0, cuda1 = _FakePool(), torch.device("cuda", 0), torch.device("cuda", 1)
+    with mock.patch.object(torch.cuda, "Stream", pool):
+        teacher = GraphedFunction(lambda x: (x,))
+        capture = teacher._capture_stream(cuda0)
+        side = private_stream(cuda0)
+        others = [torch.cuda.Stream() for _ in range(100)]  # make_graphed_callables, torch.cuda.graph's default
+        assert others[0] == others[32] and capture not in others and side not in others
+        assert teacher._capture_stream(cuda0) is capture  # one stream per wrapper and device
+        moved = teacher._capture_stream(cuda1)
+        assert moved.device == cuda1 and teacher.stream is moved
+
+
+def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:
+    """The CUDA stream calls of `FastPaths.aside` on a fake device: the main stream, and the stream current while the
+    pass runs (recorded in the returned list)."""
+    main, current = _FakeStream(torch.device("cuda", 0), -1, 0), []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1] if current else main)
+
+    class StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream)
+
+        def __exit__(self, *args):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    return main, current
+
+
+class _FakeCudaTensor:
+    device = torch.device("cuda", 0)
+
+    def __init__(self) -> None:
+        self.recorded = []
+
+    def record_stream(self, stream) -> None:
+        self.recorded.append(stream)
+
+
+def test_aside_runs_beside_only_within_overlap_which_joins_on_leaving_even_on_error(monkeypatch):
+    """`FastPaths.aside` queues its pass on the second stream only within `overlap` (a distiller's training step);
+    elsewhere (a `training_step` of one's own that never joins) the pass runs at once, so its outputs are never read
+    before they are written. Leaving the scope, by an error too, makes the main stream wait: nothing stays pending."""
+    from cdl_lightning.models.fast_paths import FastPaths
+
+    main, current = _fake_cuda(monkeypatch)
+    paths = FastPaths(side_stream=True)
+    ran_on = []
+
+    def teacher_pass():
+        ran_on.append(current[-1] if current else main)
+        return (_FakeCudaTensor(),)
+
+    images = _FakeCudaTensor()
+    paths.aside(teacher_pass, [images])  # outside `overlap`: the plain call, on the main stream
+    assert ran_on == [main] and paths.streams == {} and paths._pending == [] and images.recorded == []
+    with paths.overlap():
+        out = paths.aside(teacher_pass, [images])
+        side = paths.streams[images.device]
+        assert ran_on[-1] is side and side != main and side.key[1] == 1  # the high-priority pool
+        assert side.waited == [main] and images.recorded == [side] and out[0].recorded == [main]
+        assert len(paths._pending) == 1
+        paths.join()  # the learner's step, before its loss
+        assert main.waited == ["event 0"] and paths._pending == []
+    assert main.waited == ["event 0"]  # nothing left to wait for
+    with pytest.raises(RuntimeError, match="between aside and join"), paths.overlap():
+        paths.aside(teacher_pass, [images])
+        with paths.overlap():  # a nested scope leaves the joining to the outer one
+            pass
+        assert len(paths._pending) == 1
+        raise RuntimeError("between aside and join")
+    assert main.waited == ["event 0", "event 1"] and paths._pending == [] and paths._overlap == 0

@@ -56,6 +56,19 @@ def _capture_autocast() -> torch.autocast:
     return torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False)
 
 
+def private_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream of ``device`` for work whose cuBLAS workspace must not be shared with a pass running at the same
+    time: a `GraphedFunction`'s warm-up and capture, `FastPaths.aside`'s second stream. cuBLAS(Lt) keeps a workspace
+    per (handle, stream) and a graph replays with the one of its capture stream. ``torch.cuda.Stream()`` hands out the
+    32 streams of PyTorch's default-priority pool round-robin (``c10/cuda/CUDAStream.cpp``), and other code draws from
+    that pool all the time (`torch.cuda.make_graphed_callables` captures on a fresh pool stream per call in torch
+    2.14, on `torch.cuda.graph`'s default capture stream, also from that pool, in older releases): a stream drawn
+    there is "new" for only 32 draws. So this one comes from the high-priority pool, which only code asking for
+    priority draws from. A graph replays at the priority of the stream it is launched into (PyTorch does not
+    instantiate with ``cudaGraphInstantiateFlagUseNodePriority``), so a capture stream's priority does not reach it."""
+    return torch.cuda.Stream(device=device, priority=-1)
+
+
 class _GraphCache:
     """What both graph wrappers share: captured graphs keyed by input signature, least recently used out first,
     re-captured when the storage of the modules they read moved, and switched off for good after a failed capture.
@@ -168,7 +181,7 @@ class GraphedFunction(_GraphCache):
             # this wrapper's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
             # with the address it captured, so graphs captured on one shared stream (`torch.cuda.graph`'s default)
             # share a workspace and would corrupt each other's results when replayed concurrently (`FastPaths.aside`)
-            side = self.stream = self.stream or torch.cuda.Stream(device=device)
+            side = self._capture_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
@@ -183,6 +196,13 @@ class GraphedFunction(_GraphCache):
         if not isinstance(outputs, tuple) or not all(isinstance(t, Tensor) for t in outputs):
             raise TypeError(f"a graphed function must return a tuple of tensors, got {type(outputs).__name__}")
         return _Graph(graph, inputs, outputs)
+
+    def _capture_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This wrapper's warm-up and capture stream on ``device`` (`private_stream`); a new one after a move to
+        another GPU (a stream of the old one would capture nothing: the kernels go to the new GPU's current stream)."""
+        if self.stream is None or self.stream.device != device:
+            self.stream = private_stream(device)
+        return self.stream
 
 
 class _CloneGrad(torch.autograd.Function):
