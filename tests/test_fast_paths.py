@@ -307,7 +307,8 @@ class _FakeStream:
     objects of one slot are one CUDA stream), recording what waited on what."""
 
     def __init__(self, device: torch.device, pool: int, slot: int) -> None:
-        self.device, self.key, self.waited, self.events = device, (device, pool, slot), [], []
+        self.device, self.cuda_stream = device, 1000 * (pool + 1) + slot  # a distinct handle per pool slot
+        self.key, self.waited, self.events = (device, pool, slot), [], []
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _FakeStream) and other.key == self.key
@@ -340,24 +341,44 @@ class _FakePool:
         return _FakeStream(device, pool, n % 32)
 
 
-def test_capture_and_side_streams_never_alias_the_streams_other_code_draws():
-    """cuBLAS keeps a workspace per (handle, stream) and a graph replays with its capture stream's one. A
-    `GraphedFunction`'s capture stream (and `FastPaths`' second stream) must therefore never be a stream that
-    `torch.cuda.make_graphed_callables` captures the student's passes on, which `torch.cuda.Stream()` draws from the
-    default-priority pool: 32 streams handed out round-robin, so the 33rd draw is the first again. They come from the
-    high-priority pool; a move to another GPU gets that GPU's stream (a stream of the old one would capture nothing)."""
-    from cdl_lightning.nn.graphs import private_stream
+class _FakeGraph:
+    def __init__(self, stream: _FakeStream) -> None:
+        self.stream = stream
 
-    pool, cuda0, cuda1 = _FakePool(), torch.device("cuda", 0), torch.device("cuda", 1)
-    with mock.patch.object(torch.cuda, "Stream", pool):
-        teacher = GraphedFunction(lambda x: (x,))
-        capture = teacher._capture_stream(cuda0)
-        side = private_stream(cuda0)
-        others = [torch.cuda.Stream() for _ in range(100)]  # make_graphed_callables, torch.cuda.graph's default
-        assert others[0] == others[32] and capture not in others and side not in others
-        assert teacher._capture_stream(cuda0) is capture  # one stream per wrapper and device
-        moved = teacher._capture_stream(cuda1)
-        assert moved.device == cuda1 and teacher.stream is moved
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def test_each_graph_captures_on_a_stream_no_live_graph_and_no_other_code_uses(monkeypatch):
+    """cuBLAS keeps a workspace per (handle, stream); a graph replays with its capture stream's one, and destroying a
+    graph (evicted, re-captured, collected) frees that stream's workspaces (torch 2.14.1 ``CUDAGraph::reset``) under
+    any other graph captured there. So each `GraphedFunction` graph gets a stream no live graph holds, on its inputs'
+    device, from the high-priority pool: `torch.cuda.Stream()` (what `torch.cuda.make_graphed_callables` draws its
+    capture stream with) hands the default pool's 32 streams out round-robin, so the 33rd draw is the first again."""
+    from cdl_lightning.nn import graphs
+
+    pool, used = _FakePool(), []
+    monkeypatch.setattr(torch.cuda, "Stream", pool)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device, -1, 0))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    teacher = GraphedFunction(lambda x: (x + 1,), warmup=1)
+    x = torch.zeros(2)
+    first = teacher._capture([x], {})
+    assert first.stream.device == x.device and first.stream.key[1] == 1  # the inputs' device, high-priority pool
+    others = [torch.cuda.Stream() for _ in range(100)]  # make_graphed_callables, torch.cuda.graph's default
+    assert others[0] == others[32] and first.stream not in others
+    # 31 more live graphs: each on a stream of its own (the pool has 32)
+    live = [first] + [teacher._capture([x], {}) for _ in range(31)]
+    assert len({entry.stream for entry in live}) == 32 and len(graphs._held_streams) == 32
+    del live[5]  # an evicted graph gives its stream back: the next capture may take it, and only it
+    again = teacher._capture([x], {})
+    assert again.stream.key[2] == 5 and len(graphs._held_streams) == 32
 
 
 def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:
@@ -396,8 +417,10 @@ def test_aside_runs_beside_only_within_overlap_which_joins_on_leaving_even_on_er
     elsewhere (a `training_step` of one's own that never joins) the pass runs at once, so its outputs are never read
     before they are written. Leaving the scope, by an error too, makes the main stream wait: nothing stays pending."""
     from cdl_lightning.models.fast_paths import FastPaths
+    from cdl_lightning.nn import graphs
 
     main, current = _fake_cuda(monkeypatch)
+    monkeypatch.setattr(graphs, "_held_streams", {})
     paths = FastPaths(side_stream=True)
     ran_on = []
 

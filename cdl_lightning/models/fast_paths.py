@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass, private_stream
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass, hold_stream, private_stream
 from cdl_lightning.nn.vit import PromptedViT
 
 __all__ = ["FastPaths", "MIXED_PRECISION_DTYPES"]
@@ -40,10 +40,12 @@ class FastPaths:
             in its training step) on a second CUDA stream, concurrently with what the step queues next (the
             student's passes), until `join`. The same kernels (graph replays) run, only at the same time as others,
             so every number is unchanged; the GPU is busier because a ViT-S pass at batch 64 leaves much of an H200
-            idle. Each `GraphedFunction` captures on its own stream, and that stream and the second one come from
-            the high-priority stream pool (`cdl_lightning.nn.graphs.private_stream`): graphs captured on one shared
-            stream share cuBLAS's workspace and, replayed concurrently, corrupted each other's results (NaN losses on
-            an H200 before that fix), and the default-priority pool hands its 32 streams out again and again.
+            idle. Each `GraphedFunction` graph is captured on a stream of its own, and those and the second stream
+            come from the high-priority stream pool (`cdl_lightning.nn.graphs.private_stream`): graphs captured on
+            one shared stream share cuBLAS's workspace and, replayed concurrently, corrupted each other's results
+            (NaN losses on an H200 before that fix), and the default-priority pool hands its 32 streams out again and
+            again. (The teacher's kernels so run at a higher priority than the student's; the speed-up quoted for
+            `Distiller`'s ``concurrent_teacher`` was measured with the default priority, not re-measured since.)
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
@@ -132,6 +134,7 @@ class FastPaths:
         side = self.streams.get(device)
         if side is None:
             side = self.streams[device] = private_stream(device)
+            hold_stream(side, self)
         side.wait_stream(main)
         for tensor in inputs:  # (before fn: also if it raises after queueing work)
             tensor.record_stream(side)  # freed by the caller while the side stream reads it: not reused before
