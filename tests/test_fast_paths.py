@@ -379,6 +379,8 @@ def test_each_graph_captures_on_a_stream_no_live_graph_and_no_other_code_uses(mo
     del live[5]  # an evicted graph gives its stream back: the next capture may take it, and only it
     again = teacher._capture([x], {})
     assert again.stream.key[2] == 5 and len(graphs._held_streams) == 32
+    with pytest.warns(UserWarning, match="all 32 high-priority CUDA streams are held"):
+        teacher._capture([x], {})  # a 33rd live graph: sharing cannot be avoided, and it says so
 
 
 def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:

@@ -81,6 +81,10 @@ def private_stream(device: torch.device) -> torch.cuda.Stream:
         stream = torch.cuda.Stream(device=device, priority=-1)
         if (stream.device.index, stream.cuda_stream) not in _held_streams:
             break
+    else:
+        warnings.warn("all 32 high-priority CUDA streams are held by live CUDA graphs: a new graph shares one (and its "
+                      "cuBLAS workspace); drop models no longer used, or their graphs (`FastPaths.reset`)",
+                      stacklevel=3)
     return stream
 
 
