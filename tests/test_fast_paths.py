@@ -300,3 +300,152 @@ def test_clone_grad_keeps_a_missing_gradient_missing():
     y = torch.randn(3, requires_grad=True)
     (_CloneGrad.apply(y) * 3).sum().backward()
     assert torch.equal(y.grad, torch.full((3,), 3.0))
+
+
+class _FakeStream:
+    """A stream of a fake PyTorch stream pool: equal when it is the same pool slot (as two `torch.cuda.Stream`
+    objects of one slot are one CUDA stream), recording what waited on what."""
+
+    def __init__(self, device: torch.device, pool: int, slot: int) -> None:
+        self.device, self.cuda_stream = device, 1000 * (pool + 1) + slot  # a distinct handle per pool slot
+        self.key, self.waited, self.events = (device, pool, slot), [], []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FakeStream) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.waited.append(other)
+
+    def record_event(self) -> str:
+        self.events.append(f"event {len(self.events)}")
+        return self.events[-1]
+
+    def wait_event(self, event: str) -> None:
+        self.waited.append(event)
+
+
+class _FakePool:
+    """`torch.cuda.Stream(device, priority)` as c10/cuda/CUDAStream.cpp hands pool streams out: 32 per device and
+    priority pool, round-robin (a priority maps to its pool, clamped to the pools there are)."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple, int] = {}
+
+    def __call__(self, device: torch.device | None = None, priority: int = 0) -> _FakeStream:
+        device = torch.device("cuda", 0) if device is None else torch.device(device)
+        pool = max(0, min(-priority, 3))
+        n = self.counters[device, pool] = self.counters.get((device, pool), -1) + 1
+        return _FakeStream(device, pool, n % 32)
+
+
+class _FakeGraph:
+    def __init__(self, stream: _FakeStream) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def test_each_graph_captures_on_a_stream_no_live_graph_and_no_other_code_uses(monkeypatch):
+    """cuBLAS keeps a workspace per (handle, stream); a graph replays with its capture stream's one, and destroying a
+    graph (evicted, re-captured, collected) frees that stream's workspaces (torch 2.14.1 ``CUDAGraph::reset``) under
+    any other graph captured there. So each `GraphedFunction` graph gets a stream no live graph holds, on its inputs'
+    device, from the high-priority pool: `torch.cuda.Stream()` (what `torch.cuda.make_graphed_callables` draws its
+    capture stream with) hands the default pool's 32 streams out round-robin, so the 33rd draw is the first again."""
+    from cdl_lightning.nn import graphs
+
+    pool, used = _FakePool(), []
+    monkeypatch.setattr(torch.cuda, "Stream", pool)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device, -1, 0))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    teacher = GraphedFunction(lambda x: (x + 1,), warmup=1)
+    x = torch.zeros(2)
+    first = teacher._capture([x], {})
+    assert first.stream.device == x.device and first.stream.key[1] == 1  # the inputs' device, high-priority pool
+    others = [torch.cuda.Stream() for _ in range(100)]  # make_graphed_callables, torch.cuda.graph's default
+    assert others[0] == others[32] and first.stream not in others
+    # 31 more live graphs: each on a stream of its own (the pool has 32)
+    live = [first] + [teacher._capture([x], {}) for _ in range(31)]
+    assert len({entry.stream for entry in live}) == 32 and len(graphs._held_streams) == 32
+    del live[5]  # an evicted graph gives its stream back: the next capture may take it, and only it
+    again = teacher._capture([x], {})
+    assert again.stream.key[2] == 5 and len(graphs._held_streams) == 32
+    with pytest.warns(UserWarning, match="all 32 high-priority CUDA streams are held"):
+        teacher._capture([x], {})  # a 33rd live graph: sharing cannot be avoided, and it says so
+
+
+def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:
+    """The CUDA stream calls of `FastPaths.aside` on a fake device: the main stream, and the stream current while the
+    pass runs (recorded in the returned list)."""
+    main, current = _FakeStream(torch.device("cuda", 0), -1, 0), []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1] if current else main)
+
+    class StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream)
+
+        def __exit__(self, *args):
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    return main, current
+
+
+class _FakeCudaTensor:
+    device = torch.device("cuda", 0)
+
+    def __init__(self) -> None:
+        self.recorded = []
+
+    def record_stream(self, stream) -> None:
+        self.recorded.append(stream)
+
+
+def test_aside_runs_beside_only_within_overlap_which_joins_on_leaving_even_on_error(monkeypatch):
+    """`FastPaths.aside` queues its pass on the second stream only within `overlap` (a distiller's training step);
+    elsewhere (a `training_step` of one's own that never joins) the pass runs at once, so its outputs are never read
+    before they are written. Leaving the scope, by an error too, makes the main stream wait: nothing stays pending."""
+    from cdl_lightning.models.fast_paths import FastPaths
+    from cdl_lightning.nn import graphs
+
+    main, current = _fake_cuda(monkeypatch)
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    paths = FastPaths(side_stream=True)
+    ran_on = []
+
+    def teacher_pass():
+        ran_on.append(current[-1] if current else main)
+        return (_FakeCudaTensor(),)
+
+    images = _FakeCudaTensor()
+    paths.aside(teacher_pass, [images])  # outside `overlap`: the plain call, on the main stream
+    assert ran_on == [main] and paths.streams == {} and paths._pending == [] and images.recorded == []
+    with paths.overlap():
+        out = paths.aside(teacher_pass, [images])
+        side = paths.streams[images.device]
+        assert ran_on[-1] is side and side != main and side.key[1] == 1  # the high-priority pool
+        assert side.waited == [main] and images.recorded == [side] and out[0].recorded == [main]
+        assert len(paths._pending) == 1
+        paths.join()  # the learner's step, before its loss
+        assert main.waited == ["event 0"] and paths._pending == []
+    assert main.waited == ["event 0"]  # nothing left to wait for
+    with pytest.raises(RuntimeError, match="between aside and join"), paths.overlap():
+        paths.aside(teacher_pass, [images])
+        with paths.overlap():  # a nested scope leaves the joining to the outer one
+            pass
+        assert len(paths._pending) == 1
+        raise RuntimeError("between aside and join")
+    assert main.waited == ["event 0", "event 1"] and paths._pending == [] and paths._overlap == 0

@@ -294,6 +294,31 @@ def test_concurrent_teacher_is_a_flag_of_the_fast_paths_and_a_plain_call_off_cud
     assert called == [1] and models[True].fast_paths._pending == []
 
 
+def test_teacher_runs_beside_the_student_only_within_the_distillers_training_step(teacher):
+    """The teacher's pass may be queued on the second stream only inside `Distiller.training_step` (whose loss joins
+    first): a `teacher_forward` called elsewhere (a subclass's own step that never joins) runs at once, and an error
+    between the teacher's pass and the join closes the scope (which makes the main stream wait: nothing pending)."""
+    data = make_data()
+    model = Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
+    model.log = lambda *args, **kwargs: None
+    model.open_task(0)
+    scopes, aside = [], model.fast_paths.aside
+
+    def spy(fn, inputs):
+        scopes.append(model.fast_paths._overlap)
+        return aside(fn, inputs)
+
+    model.fast_paths.aside = spy
+    batch = (images_batch(4), torch.tensor([0, 1, 2, 3]), torch.zeros(4, dtype=torch.long))
+    assert torch.isfinite(model.training_step(batch, 0))
+    model.teacher_forward(batch[0], 0, None)
+    assert scopes == [1, 0] and model.fast_paths._overlap == 0
+    model.student_forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("student failed"))
+    with pytest.raises(RuntimeError, match="student failed"):
+        model.training_step(batch, 1)
+    assert scopes == [1, 0, 1] and model.fast_paths._overlap == 0 and model.fast_paths._pending == []
+
+
 def test_distiller_teacher_reproduces_the_teacher_run(teacher):
     """The teacher a student distils from must be the network the teacher run trained: same logits on any image.
 

@@ -125,10 +125,13 @@ class Distiller(PromptLearner):
             The method's inference parts (KDP's KD prompts and head, the DeiT token and head) are built. Such a model
             cannot fit.
         concurrent_teacher: with ``cuda_graphs`` on CUDA, replay the teacher's pass on a second CUDA stream while the
-            student's query and forward passes run (`FastPaths.side_stream`); the loss waits for both. The same
-            kernels run, so every number is unchanged (bitwise on an H200: ``benchmarks/check_fast_paths.py``,
-            ``tests/gpu``). Measured on one H200 (bf16, batch 64): the ViT-B -> ViT-S KDP step 2,177 -> 2,265 img/s,
-            a real 10-task run's training 1,701 -> 1,727 img/s. ``False`` runs the teacher first.
+            student's forward pass runs (`FastPaths.side_stream`; it starts after the query pass, which it may share);
+            the loss waits for both. Only within this class's `training_step` (`FastPaths.overlap`): a
+            `teacher_forward` called elsewhere runs at once. The same kernels run, so every number is unchanged
+            (bitwise on an H200: ``benchmarks/check_fast_paths.py``, ``tests/gpu``). Measured on one H200 (bf16,
+            batch 64; the second stream then had the default priority, now the high one): the ViT-B -> ViT-S KDP
+            step 2,177 -> 2,265 img/s, a real 10-task run's training 1,701 -> 1,727 img/s. ``False`` runs the
+            teacher first.
         **kwargs: `PromptLearner` arguments for the student.
     """
 
@@ -223,6 +226,13 @@ class Distiller(PromptLearner):
             self.load_teacher_task(self.opened_task)
 
     @override
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        # the teacher's pass may run beside the student's (`concurrent_teacher`) only here, where the learner's step
+        # joins before its loss; leaving the scope (an error too) waits for anything still pending
+        with self.fast_paths.overlap():
+            return super().training_step(batch, batch_idx)
+
+    @override
     def teacher_forward(self, images: Tensor, task: int, query: Tensor | None) -> ClassifierOutput | None:
         if self.teacher is None:
             return None
@@ -234,7 +244,7 @@ class Distiller(PromptLearner):
                 return run(*inputs, task=task, train=self.teacher_prompt_mode == "train",
                            blocks=self.method.needs_teacher_blocks)
 
-        # on a second CUDA stream when `concurrent_teacher` is on: read only after `fast_paths.join()`
+        # on a second CUDA stream with `concurrent_teacher` in `training_step`: read only after `fast_paths.join()`
         return ClassifierOutput.from_tuple(self.fast_paths.aside(teacher_pass, inputs))
 
     def _teacher_pass(self, images: Tensor, *query: Tensor, task: int, train: bool, blocks: bool) -> tuple[Tensor, ...]:

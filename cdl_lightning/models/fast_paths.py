@@ -7,12 +7,13 @@ first step (``model.fast_paths.cuda_graphs = False``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass
+from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass, hold_stream, private_stream
 from cdl_lightning.nn.vit import PromptedViT
 
 __all__ = ["FastPaths", "MIXED_PRECISION_DTYPES"]
@@ -35,12 +36,16 @@ class FastPaths:
         graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (prompt assembly, forward
             and backward) from CUDA graphs (`GraphedPromptPass`, under mixed precision only); bitwise equal to eager
             on an H200 (``benchmarks/check_fast_paths.py``, ``tests/gpu``).
-        side_stream: with ``cuda_graphs``, run the passes given to `aside` (a distiller's teacher) on a second CUDA
-            stream, concurrently with what the step queues next (the student's passes), until `join`. The same
-            kernels (graph replays) run, only at the same time as others, so every number is unchanged; the GPU is
-            busier because a ViT-S pass at batch 64 leaves much of an H200 idle. Each `GraphedFunction` captures on
-            its own stream: graphs captured on one shared stream share cuBLAS's workspace and, replayed concurrently,
-            corrupted each other's results (NaN losses on an H200 before that fix).
+        side_stream: with ``cuda_graphs``, run the passes given to `aside` within `overlap` (a distiller's teacher
+            in its training step) on a second CUDA stream, concurrently with what the step queues next (the
+            student's passes), until `join`. The same kernels (graph replays) run, only at the same time as others,
+            so every number is unchanged; the GPU is busier because a ViT-S pass at batch 64 leaves much of an H200
+            idle. Each `GraphedFunction` graph is captured on a stream of its own, and those and the second stream
+            come from the high-priority stream pool (`cdl_lightning.nn.graphs.private_stream`): graphs captured on
+            one shared stream share cuBLAS's workspace and, replayed concurrently, corrupted each other's results
+            (NaN losses on an H200 before that fix), and the default-priority pool hands its 32 streams out again and
+            again. (The teacher's kernels so run at a higher priority than the student's; the speed-up quoted for
+            `Distiller`'s ``concurrent_teacher`` was measured with the default priority, not re-measured since.)
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
@@ -58,6 +63,7 @@ class FastPaths:
         self.side_stream = side_stream
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
+        self._overlap = 0  # open `overlap` scopes
         self.runners: dict[str, GraphedFunction | GraphedTrainingPass | GraphedPromptPass] = {}
         self._compiled = False
 
@@ -101,23 +107,39 @@ class FastPaths:
             self.runners[name] = make()
         return self.runners[name]  # type: ignore[return-value]
 
+    @contextmanager
+    def overlap(self) -> Iterator[None]:
+        """The scope in which `aside` may queue its passes on the second stream (a distiller's training step, whose
+        loss calls `join` first). On leaving it, by an error too, the current stream waits for whatever is still
+        pending: outside it `aside` runs its pass at once, so code that never calls `join` (a `training_step` of
+        its own) cannot read a pass's outputs before they are written, and no events pile up."""
+        self._overlap += 1
+        try:
+            yield
+        finally:
+            self._overlap -= 1
+            if not self._overlap:
+                self.join()
+
     def aside(self, fn: Callable[[], tuple[Tensor, ...]], inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """``fn()`` (a gradient-free pass over ``inputs``) queued on this device's second stream when ``side_stream``
-        is on (CUDA graphs on, inputs on CUDA), else run as is. The second stream first waits for everything queued
-        so far; the returned tensors may only be read after `join`. Until then the inputs' and outputs' memory is
-        kept from reuse (``record_stream``)."""
+        """``fn()`` (a gradient-free pass that reads, of the tensors the caller made, only ``inputs``) queued on this
+        device's second stream when ``side_stream`` is on, within `overlap`, with CUDA graphs on and inputs on CUDA;
+        else run as is. The second stream first waits for everything queued so far; the returned tensors may only
+        be read after `join`. Until then the inputs' and outputs' memory is kept from reuse (``record_stream``)."""
         device = inputs[0].device if inputs else None
-        if not (self.side_stream and self.uses_cuda_graphs and device is not None and device.type == "cuda"):
+        if not (self.side_stream and self._overlap and self.uses_cuda_graphs and device is not None
+                and device.type == "cuda"):
             return fn()
         main = torch.cuda.current_stream(device)
         side = self.streams.get(device)
         if side is None:
-            side = self.streams[device] = torch.cuda.Stream(device)
+            side = self.streams[device] = private_stream(device)
+            hold_stream(side, self)
         side.wait_stream(main)
+        for tensor in inputs:  # (before fn: also if it raises after queueing work)
+            tensor.record_stream(side)  # freed by the caller while the side stream reads it: not reused before
         with torch.cuda.stream(side):
             outputs = fn()
-        for tensor in inputs:
-            tensor.record_stream(side)  # freed by the caller while the side stream reads it: not reused before
         for tensor in outputs:
             tensor.record_stream(main)  # made on the side stream, read and freed on the main one
         self._pending.append((main, side.record_event()))

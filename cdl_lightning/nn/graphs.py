@@ -17,6 +17,7 @@ with a warning. Off CUDA, and when autograd records, it simply calls the functio
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[Tensor, ...]
     outputs: Outputs
+    stream: torch.cuda.Stream  # its warm-up and capture stream (`private_stream`)
 
 
 def _signature(tensors: Sequence[Tensor]) -> tuple:
@@ -54,6 +56,49 @@ def _capture_autocast() -> torch.autocast:
     autocast = _autocast_state("cuda")
     dtype = autocast[1] if autocast[0] else torch.get_autocast_dtype("cuda")
     return torch.autocast("cuda", dtype=dtype, enabled=autocast[0], cache_enabled=False)
+
+
+_held_streams: dict[tuple[int | None, int], int] = {}
+"""Streams of `private_stream` held by live graphs (and `FastPaths`' second streams): (device index, CUDA stream
+handle) -> holders alive."""
+
+
+def private_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream of ``device`` whose cuBLAS workspace no other live graph uses: for one graph's warm-up and
+    capture (`GraphedFunction`), or for `FastPaths.aside`'s second stream.
+
+    cuBLAS(Lt) keeps a workspace per (handle, stream), a graph replays with the one of its capture stream, and (torch
+    2.14.1, ``CUDAGraph::reset``, also run when a graph is garbage-collected) destroying a graph frees the workspaces of
+    its capture stream, whichever other graph still replays with them (pytorch/pytorch#193402). So every graph gets a
+    stream of its own, and two passes that run at the same time must come from different streams. The streams come
+    from the high-priority pool: ``torch.cuda.Stream()`` hands out the 32 streams of the default-priority pool
+    round-robin, and other code draws from it all the time (`torch.cuda.make_graphed_callables` captures on a fresh
+    pool stream per call in torch 2.14.1, on `torch.cuda.graph`'s default capture stream, also from that pool, in older
+    releases), so a stream drawn there is "new" for only 32 draws. Within the high-priority pool, the streams held by
+    live graphs are skipped while another is free (`hold_stream`). PyTorch instantiates graphs with
+    ``cudaGraphInstantiateFlagUseNodePriority``: a graph's kernels keep this stream's (higher) priority on replay."""
+    for _ in range(32):  # the streams of one pool
+        stream = torch.cuda.Stream(device=device, priority=-1)
+        if (stream.device.index, stream.cuda_stream) not in _held_streams:
+            break
+    else:
+        warnings.warn("all 32 high-priority CUDA streams are held by live CUDA graphs: a new graph shares one (and its "
+                      "cuBLAS workspace); drop models no longer used, or their graphs (`FastPaths.reset`)",
+                      stacklevel=3)
+    return stream
+
+
+def hold_stream(stream: torch.cuda.Stream, holder: object) -> None:
+    """Keep `private_stream` from handing ``stream`` out again while ``holder`` is alive."""
+    key = (stream.device.index, stream.cuda_stream)
+    _held_streams[key] = _held_streams.get(key, 0) + 1
+    weakref.finalize(holder, _release_stream, key)
+
+
+def _release_stream(key: tuple[int | None, int]) -> None:
+    holders = _held_streams.pop(key, 1) - 1
+    if holders > 0:
+        _held_streams[key] = holders
 
 
 class _GraphCache:
@@ -134,7 +179,6 @@ class GraphedFunction(_GraphCache):
     ) -> None:
         super().__init__(modules, max_graphs, warmup, capture_after)
         self.fn = fn
-        self.stream: torch.cuda.Stream | None = None  # the warm-up and capture stream (created on first capture)
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         """Whether this call can run from a graph (CUDA inputs, autograd not recording, graphs not disabled)."""
@@ -165,10 +209,11 @@ class GraphedFunction(_GraphCache):
         inputs = tuple(t.clone() for t in tensors)
         device = inputs[0].device
         try:
-            # this wrapper's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
+            # this graph's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
             # with the address it captured, so graphs captured on one shared stream (`torch.cuda.graph`'s default)
-            # share a workspace and would corrupt each other's results when replayed concurrently (`FastPaths.aside`)
-            side = self.stream = self.stream or torch.cuda.Stream(device=device)
+            # share a workspace: replayed concurrently (`FastPaths.aside`) they corrupted each other's results, and
+            # destroying one (an evicted or re-captured graph) frees the workspace the others use (`private_stream`)
+            side = private_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
@@ -182,7 +227,9 @@ class GraphedFunction(_GraphCache):
             return None
         if not isinstance(outputs, tuple) or not all(isinstance(t, Tensor) for t in outputs):
             raise TypeError(f"a graphed function must return a tuple of tensors, got {type(outputs).__name__}")
-        return _Graph(graph, inputs, outputs)
+        entry = _Graph(graph, inputs, outputs, side)
+        hold_stream(side, entry)
+        return entry
 
 
 class _CloneGrad(torch.autograd.Function):
