@@ -10,7 +10,8 @@ plain eager run with fp32 frozen weights.
    goes through Lightning's setup, ``inference_mode`` validation and the task switches).
 
 Prints what it compared and exits 1 on a mismatch. ``--tiny`` runs part 1 with tiny ViTs (any device).
-``--no-graph-prompts`` / ``--no-concurrent-teacher`` leave one of those two out of the fast paths.
+``--graph-prompts`` adds ``graph_prompts`` (off by default) to the fast paths; ``--no-concurrent-teacher`` leaves
+``concurrent_teacher`` out.
 """
 
 from __future__ import annotations
@@ -137,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs; no fit check unless on CUDA")
-    parser.add_argument("--no-graph-prompts", action="store_true", help="the fast paths without graph_prompts (the "
-                        "prompt pool's training pass from CUDA graphs)")
+    parser.add_argument("--graph-prompts", action="store_true", help="the fast paths with graph_prompts (the "
+                        "prompt pool's training pass from CUDA graphs; off by default)")
     parser.add_argument("--no-concurrent-teacher", action="store_true", help="the fast paths without "
                         "concurrent_teacher (the teacher's pass on a second CUDA stream)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=not args.no_graph_prompts,
+    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=args.graph_prompts,
                     concurrent_teacher=not args.no_concurrent_teacher)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)

@@ -13,9 +13,9 @@
 #   prof1   e2e1 as 2 tasks of 50 classes, each run with --profile-steps 20 --profile-at 100 (torch.profiler inside the
 #           real loop: per-step wall / GPU kernel / GPU idle ms, host-device calls, top host ops; Chrome traces .json.gz)
 #   paths   the default fast paths: check_fast_paths.py (bitwise against eager), then throughput.py train-learner +
-#           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --no-graph-prompts
-#   e2e1v   the e2e1 student again with concurrent_teacher off, then with graph_prompts off too (the defaults before
-#           2026-12-01): the two levers' effect on the real run (needs e2e1 first, for the teacher checkpoint)
+#           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --graph-prompts
+#   e2e1v   the e2e1 student again with concurrent_teacher off (the default before 2026-12-01), then with
+#           graph_prompts on (opt-in): the two levers' effect on the real run (needs e2e1 first, for its teacher)
 #   ckpt1   the e2e1 teacher twice, with checkpoints written in place and in the background (--checkpoint.background)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
@@ -90,7 +90,7 @@ for part in $PARTS; do
       note "check_fast_paths (the default fast paths against eager)"
       python3 benchmarks/check_fast_paths.py > "$OUT/check_fast_paths.log" 2>&1
       keep; tail -6 "$OUT/check_fast_paths.log"
-      for flag in "" --no-concurrent-teacher --no-graph-prompts; do
+      for flag in "" --no-concurrent-teacher --graph-prompts; do
         name=throughput_bf16${flag:+_${flag#--}}
         note "throughput b-s bf16 ${flag:-(defaults)}"
         python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
@@ -98,11 +98,10 @@ for part in $PARTS; do
         keep; tail -6 "$OUT/$name.log"
       done ;;
     e2e1v)
-      for off in concurrent_teacher "concurrent_teacher graph_prompts"; do
-        name=e2e_student_1gpu_no_${off// /_no_}
-        flags=(); for flag in $off; do flags+=(--model.init_args.$flag false); done
-        e2e_one_gpu "$name" "ViT-B -> ViT-S KDP student, 1 GPU, $off off" --model kdp-b-s --out "$RUNS/${name}" \
-          --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" -- "${flags[@]}"
+      for setting in "concurrent_teacher false" "graph_prompts true"; do
+        name=e2e_student_1gpu_${setting// /_}
+        e2e_one_gpu "$name" "ViT-B -> ViT-S KDP student, 1 GPU, $setting" --model kdp-b-s --out "$RUNS/${name}" \
+          --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" -- --model.init_args.$setting
       done ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"

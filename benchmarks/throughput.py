@@ -65,7 +65,7 @@ class Settings:
     compile: bool
     cast_weights: bool = True
     cuda_graphs: bool = True
-    graph_prompts: bool = True
+    graph_prompts: bool = False
     concurrent_teacher: bool = True
 
 
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "
                         "cuda_graphs=False")
-    parser.add_argument("--no-graph-prompts", action="store_true", help="graph_prompts=False: the prompt pool's "
-                        "training pass (assembly, forward and backward) eager instead of from CUDA graphs")
+    parser.add_argument("--graph-prompts", action="store_true", help="graph_prompts=True: the prompt pool's "
+                        "training pass (assembly, forward and backward) from CUDA graphs too")
     parser.add_argument("--no-concurrent-teacher", action="store_true", help="train-distill: run the teacher's pass "
                         "before the student's on one CUDA stream, i.e. concurrent_teacher=False")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("CUDA is not available: run on a GPU machine, or pass --tiny for the CPU smoke test")
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
-                 not args.fp32_frozen_weights, not args.no_cuda_graphs, not args.no_graph_prompts,
+                 not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts,
                  not args.no_concurrent_teacher)
     print_environment(s, args)
     start = time.perf_counter()

@@ -245,7 +245,7 @@ def test_graphed_prompt_pass_runs_the_pool_through_functional_call_bit_for_bit(k
     assert graphed.captures == 0 and graphed.replays == 0
 
 
-def test_graph_prompts_is_on_by_default_and_wired_through_the_learner(tiny_vit_config):
+def test_graph_prompts_is_off_by_default_and_wired_through_the_learner(tiny_vit_config):
     from cdl_lightning.models import PromptLearner
     from cdl_lightning.nn import CodaPrompt
     from cdl_lightning.nn.graphs import GraphedPromptPass
@@ -254,12 +254,12 @@ def test_graph_prompts_is_on_by_default_and_wired_through_the_learner(tiny_vit_c
         coda = lambda d, k, n: CodaPrompt(d, k, n, pool_size=8, layers=(0, 1))  # noqa: E731
         return PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], **kwargs)
 
-    assert learner().fast_paths.graph_prompts is True and learner().hparams["graph_prompts"] is True
-    off = learner(graph_prompts=False)
+    off = learner()
     assert off.fast_paths.graph_prompts is False and off.hparams["graph_prompts"] is False
     with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
         assert off.fast_paths.prompt_pass(off.classifier.prompt, on_cuda=True) is None
-    model = learner()
+    model = learner(graph_prompts=True)
+    assert model.hparams["graph_prompts"] is True
     paths, pool = model.fast_paths, model.classifier.prompt
     assert paths.graph_prompts and paths.prompt_pass(pool, on_cuda=False) is None
     assert paths.prompt_pass(pool, on_cuda=True) is None  # fp32 (no autocast): eager
@@ -271,9 +271,9 @@ def test_graph_prompts_is_on_by_default_and_wired_through_the_learner(tiny_vit_c
         assert paths.prompt_pass(pool, on_cuda=True) is None
     # a CPU training step with the flag on is the plain step
     torch.manual_seed(0)
-    plain = learner(graph_prompts=False)
+    plain = learner()
     torch.manual_seed(0)
-    flagged = learner()
+    flagged = learner(graph_prompts=True)
     for m in (plain, flagged):
         m.log = lambda *args, **kwargs: None
         m.open_task(0)

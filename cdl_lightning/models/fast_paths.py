@@ -35,7 +35,8 @@ class FastPaths:
             (`GraphedTrainingPass`, under mixed precision only).
         graph_prompts: with ``cuda_graphs``, also replay the prompt pool's training pass (prompt assembly, forward
             and backward) from CUDA graphs (`GraphedPromptPass`, under mixed precision only); bitwise equal to eager
-            on an H200 (``benchmarks/check_fast_paths.py``, ``tests/gpu``).
+            on an H200 (``benchmarks/check_fast_paths.py``, ``tests/gpu``). Off by default: see
+            `PromptLearner`'s ``graph_prompts``.
         side_stream: with ``cuda_graphs``, run the passes given to `aside` within `overlap` (a distiller's teacher
             in its training step) on a second CUDA stream, concurrently with what the step queues next (the
             student's passes), until `join`. The same kernels (graph replays) run, only at the same time as others,
@@ -54,7 +55,7 @@ class FastPaths:
 
     def __init__(
         self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True,
-        graph_prompts: bool = True, side_stream: bool = False,
+        graph_prompts: bool = False, side_stream: bool = False,
     ) -> None:
         self.compile = compile
         self.cast_frozen_weights = cast_frozen_weights

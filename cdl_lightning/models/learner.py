@@ -128,7 +128,11 @@ class PromptLearner(LightningModule):
             a ViT-B -> ViT-S KDP student step on one H200 spent ~6 ms of host time assembling CODA prompts and most
             of its 13 ms of backward host time in their autograd nodes. Bitwise equal to eager under bf16 on an H200
             (``benchmarks/check_fast_paths.py``, ``tests/gpu``); measured there: the B->S step 2,152 -> 2,177 img/s,
-            a real 10-task run's training 1,788 -> 1,827 img/s.
+            a real 10-task run's training 1,788 -> 1,827 img/s (1,701 vs 1,665 on another H200). Off by default:
+            its graphs are captured per task and the older ones dropped, and `torch.cuda.make_graphed_callables`
+            captures them on a stream it picks, possibly the training pass graph's; in recent torch (2.14.1 checked)
+            destroying a graph frees the cuBLAS workspace of its capture stream (pytorch/pytorch#193402), which the
+            live training-pass graph may still use. Not observed in 10-task runs, not excluded either.
     """
 
     def __init__(
@@ -145,7 +149,7 @@ class PromptLearner(LightningModule):
         compile: bool = False,
         cast_frozen_weights: bool = True,
         cuda_graphs: bool = True,
-        graph_prompts: bool = True,
+        graph_prompts: bool = False,
         task_sizes: list[int] | None = None,
         epochs_per_task: int | None = None,
         class_names: list[str] | None = None,

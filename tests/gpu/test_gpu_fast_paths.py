@@ -58,9 +58,8 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def hand_steps(fast: bool, checkpoint: str, precision: str, **flags: bool) -> SimpleNamespace:
     """``STEPS`` training steps (``training_step`` + backward + plain SGD) of a ViT-B -> ViT-S KDP student, then eval
-    logits; ``fast`` = the default speed paths (frozen weights in the autocast dtype, CUDA graphs including the
-    prompt pool's training pass, the teacher on a second stream; ``flags`` switch single ones off), else eager with
-    fp32 frozen weights."""
+    logits; ``fast`` = the default speed paths (frozen weights in the autocast dtype, CUDA graphs, the teacher on a
+    second stream; ``flags`` set others, e.g. ``graph_prompts=True``), else eager with fp32 frozen weights."""
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=VIT_S, prompt=CODA_224,
                       task_sizes=TASK_SIZES, epochs_per_task=1, cast_frozen_weights=fast, cuda_graphs=fast, **flags)
@@ -106,7 +105,7 @@ def test_hand_steps_fast_paths_equal_eager(teacher_checkpoint, precision):
     # (the training pass is graphed under mixed precision only: in fp32 its backward summed in another order)
     expected = {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "logits": (2, 2)}  # logits: no_grad, inference
     if precision == "bf16":
-        expected["train"] = expected["prompt"] = (1, STEPS - 1)
+        expected["train"] = (1, STEPS - 1)
     assert fast.counters == expected, fast.counters
     assert eager.side_streams == 0 and fast.side_streams == 1  # the teacher ran on a second stream
     assert_bitwise(fast.losses, eager.losses, "training losses")
@@ -131,15 +130,16 @@ def test_hand_steps_fast_paths_equal_eager(teacher_checkpoint, precision):
             pytest.xfail(f"fp32 eval logits ({name}) from CUDA graphs differ from eager by up to {diff:.3g}")
 
 
-@pytest.mark.parametrize("off", ["graph_prompts", "concurrent_teacher"])
-def test_each_default_fast_path_off_equals_eager(teacher_checkpoint, off):
-    """With ``graph_prompts`` (CODA's prompt assembly from CUDA graphs) or ``concurrent_teacher`` (the teacher on a
-    second stream) switched off, the other fast paths still give the eager run's numbers bit for bit under bf16: so
-    each of the two is bitwise on its own too, with the all-on run of `test_hand_steps_fast_paths_equal_eager`."""
+@pytest.mark.parametrize("flags", [{"graph_prompts": True}, {"concurrent_teacher": False}],
+                         ids=["graph_prompts_on", "concurrent_teacher_off"])
+def test_other_fast_path_settings_equal_eager(teacher_checkpoint, flags):
+    """With ``graph_prompts`` on (CODA's prompt assembly from CUDA graphs, opt-in) or ``concurrent_teacher`` off (the
+    teacher on the main stream), the fast paths still give the eager run's numbers bit for bit under bf16."""
     eager = hand_steps(False, teacher_checkpoint, "bf16")
-    fast = hand_steps(True, teacher_checkpoint, "bf16", **{off: False})
-    assert ("prompt" in fast.counters) == (off != "graph_prompts"), fast.counters
-    assert fast.side_streams == (off != "concurrent_teacher")
+    fast = hand_steps(True, teacher_checkpoint, "bf16", **flags)
+    graphed_prompts = flags.get("graph_prompts", False)
+    assert fast.counters.get("prompt") == ((1, STEPS - 1) if graphed_prompts else None), fast.counters
+    assert fast.side_streams == int(flags.get("concurrent_teacher", True))
     assert_bitwise(fast.losses, eager.losses, "training losses")
     for name, value in eager.state.items():
         assert_bitwise(fast.state[name], value, f"learned {name}")
@@ -204,14 +204,12 @@ def expected_counters(num_tasks: int, teacher: bool) -> dict[str, tuple[int, int
     """Captures and replays of a `fit_pair` model: ``make_data`` gives 8 full training batches per epoch (2 epochs per
     task) and ``2 (t + 1)`` full eval batches at the end of task ``t``: one input shape per pass. The query and
     training passes are captured once; evaluation (and a distiller's teacher) once per task today, once in all
-    when `GRAPHS_SHARED_ACROSS_TASKS`; the prompt pool's training pass once per task (its slices change with the
-    task). A graph is captured on its key's second call (`capture_after=2`): each key's first call runs eagerly, the
-    others replay."""
+    when `GRAPHS_SHARED_ACROSS_TASKS`. A graph is captured on its key's second call (`capture_after=2`): each key's
+    first call runs eagerly, the others replay."""
     steps = num_tasks * 2 * 8
     keys = 1 if GRAPHS_SHARED_ACROSS_TASKS else num_tasks
     eval_batches = sum(2 * (t + 1) for t in range(num_tasks))
-    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys),
-                "prompt": (num_tasks, steps - num_tasks)}
+    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys)}
     if teacher:
         expected["teacher"] = (keys, steps - keys)
     return expected
