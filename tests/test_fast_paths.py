@@ -449,3 +449,32 @@ def test_aside_runs_beside_only_within_overlap_which_joins_on_leaving_even_on_er
         assert len(paths._pending) == 1
         raise RuntimeError("between aside and join")
     assert main.waited == ["event 0", "event 1"] and paths._pending == [] and paths._overlap == 0
+
+
+def test_autograd_graph_caches_keep_the_graphs_they_drop_until_reset():
+    """A graphed training / prompt pass never destroys a graph mid-run (evicted, stale or after a failed capture): a
+    destroyed graph frees its capture stream's cuBLAS workspace, which `make_graphed_callables` may share with a live
+    graph (pytorch/pytorch#193402). `GraphedFunction`s (each graph on a stream of its own) drop them at once."""
+    from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass
+
+    pool = torch.nn.Linear(2, 2)
+    prompt_pass = GraphedPromptPass(pool, max_graphs=2, capture_after=1)
+    graphs = iter(range(100))
+    for task in range(4):  # one graph per task, two kept for replay
+        assert prompt_pass._lookup(("task", task), lambda: f"graph {next(graphs)}") is not None
+    assert [entry[0] for entry in prompt_pass.graphs.values()] == ["graph 2", "graph 3"]
+    assert prompt_pass.retired == ["graph 0", "graph 1"]
+    with torch.no_grad():
+        pool.weight.set_(pool.weight.detach().clone())  # the storage moved: task 3's graph is re-captured
+    prompt_pass._lookup(("task", 3), lambda: f"graph {next(graphs)}")
+    assert prompt_pass.retired == ["graph 0", "graph 1", "graph 3"]
+    with pytest.warns(UserWarning, match="capture of the prompt pass failed"):
+        prompt_pass._disable(RuntimeError("capture failed"), "the prompt pass")
+    assert prompt_pass.graphs == {} and prompt_pass.retired[-2:] == ["graph 2", "graph 4"]
+    prompt_pass.reset()
+    assert prompt_pass.retired == []
+    assert GraphedTrainingPass.retire_dropped and not GraphedFunction.retire_dropped
+    function = GraphedFunction(lambda x: (x,), [pool], max_graphs=1, capture_after=1)
+    for key in range(3):
+        function._lookup(key, lambda: f"graph {next(graphs)}")
+    assert function.retired == [] and len(function.graphs) == 1

@@ -107,6 +107,10 @@ class _GraphCache:
     A signature is captured on its ``capture_after``-th call; the calls before run eagerly (the same kernels, so the
     same numbers): a signature met once, such as the last, smaller batch of a one-epoch task, costs no capture."""
 
+    retire_dropped = False
+    """Keep the graphs this cache drops (evicted, replaced by a re-capture, or dropped by a failed capture) alive in
+    ``retired`` until `reset` instead of destroying them at once (see `_GraphedAutogradPass`)."""
+
     def __init__(self, modules: Sequence[nn.Module], max_graphs: int, warmup: int, capture_after: int = 2) -> None:
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
@@ -118,6 +122,7 @@ class _GraphCache:
         self.capture_after = capture_after
         self.calls: dict[Hashable, int] = {}
         self.graphs: OrderedDict[Hashable, tuple[object, tuple[int, ...]]] = OrderedDict()
+        self.retired: list[object] = []
         self.disabled_reason: str | None = None
         self.captures = 0
         self.replays = 0
@@ -125,6 +130,11 @@ class _GraphCache:
     def reset(self) -> None:
         """Drop every captured graph (and its memory)."""
         self.graphs.clear()
+        self.retired.clear()
+
+    def _drop(self, entry: tuple[object, tuple[int, ...]]) -> None:
+        if self.retire_dropped:
+            self.retired.append(entry[0])
 
     def _storage(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for m in self.modules for t in (*m.parameters(), *m.buffers()))
@@ -142,15 +152,19 @@ class _GraphCache:
             if graph is None:
                 return None
             self.captures += 1
+            if entry is not None:
+                self._drop(entry)  # stale: the modules' storage moved
             entry = self.graphs[key] = (graph, storage)
             while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
+                self._drop(self.graphs.popitem(last=False)[1])
         self.graphs.move_to_end(key)
         self.replays += 1
         return entry[0]
 
     def _disable(self, err: Exception, what: str) -> None:
         self.disabled_reason = f"{type(err).__name__}: {err}"
+        for entry in self.graphs.values():
+            self._drop(entry)
         self.graphs.clear()
         warnings.warn(f"CUDA graph capture of {what} failed, it runs eagerly ({self.disabled_reason})", stacklevel=4)
 
@@ -250,7 +264,16 @@ class _CloneGrad(torch.autograd.Function):
 class _GraphedAutogradPass(_GraphCache):
     """What the graphed training passes share: a pass that autograd records (some input needs a gradient), captured
     forward and backward with `torch.cuda.make_graphed_callables`, keyed by its static arguments, its inputs'
-    signature and the autocast state, and replayed with `_CloneGrad` on every input that needs a gradient."""
+    signature and the autocast state, and replayed with `_CloneGrad` on every input that needs a gradient.
+
+    Graphs it drops are kept alive until `reset` (``retire_dropped``): `torch.cuda.make_graphed_callables` captures
+    on a stream it picks (the same one for every call in some torch releases, one of 32 pool streams in turn in
+    others), and destroying a graph frees the cuBLAS workspace of its capture stream (torch 2.14.1,
+    pytorch/pytorch#193402) while another live graph captured there may still replay with it. The graphs kept hold
+    their memory: a prompt pass's is small; a training pass drops a graph only when it meets a third input structure.
+    """
+
+    retire_dropped = True
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         return (
