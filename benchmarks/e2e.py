@@ -9,8 +9,8 @@ trainer. Rank 0 prints, per phase (the phases partition the wall time from proce
   trainer setup, the first loader;
 * ``train``: from a training batch's start to the end of the epoch's batches (loading, steps, hooks, logging);
 * ``validation``: the validation loops (evaluation, metrics, the table / heatmap the evaluation callback writes);
-* ``checkpoint``: ``trainer.save_checkpoint`` calls (with background writes, the default: taking the copy and queueing
-  it; the last write's wait lands in ``other``);
+* ``checkpoint``: ``trainer.save_checkpoint`` calls (with ``--checkpoint.background true``: taking the copy and
+  queueing it; the last write's wait lands in ``other``);
 * ``other``: the rest (loaders rebuilt between epochs, epoch hooks, fit teardown).
 
 Phase boundaries synchronise the GPU (never inside a phase), so a phase holds the GPU work it launched. ``train`` also

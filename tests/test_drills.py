@@ -201,7 +201,7 @@ def test_background_checkpoints_hold_the_same_states_and_a_failed_write_fails_th
     assert_same_run(tmp_path / "ok", uninterrupted)
     from cdl_lightning.callbacks.checkpoint import RunCheckpoint
 
-    assert RunCheckpoint().background is True and RunCheckpoint(save_top_k=2, monitor="cl/acc").background is False
+    assert RunCheckpoint().background is False  # in place by default: a checkpoint is on disk before training goes on
     with pytest.raises(ValueError, match="background=true with save_top_k=2 is not supported"):
         RunCheckpoint(save_top_k=2, monitor="cl/acc", background=True)
 

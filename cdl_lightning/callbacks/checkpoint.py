@@ -26,11 +26,13 @@ class RunCheckpoint(ModelCheckpoint):
       it), so copying or moving a run folder keeps it valid. With the default ``save_top_k=0`` it is the only file.
     - Never saves on an exception whose ``keeps_last_checkpoint`` attribute is true (a diverged run: its state is not
       worth keeping and must not replace the last good one).
-    - The files are written in a background thread (``background``, Lightning's `AsyncCheckpointIO`): the tensors
-      are copied when the checkpoint is taken, so the file holds that moment's state, and training goes on while it
-      is serialised and written. The run waits for the last write before ``fit`` returns (and at interpreter exit); a
-      failed write fails the run at the next checkpoint or at the end. An interruption mid-write leaves the previous
-      ``last.ckpt`` (the write is atomic).
+    - ``background=True`` writes the files in a background thread (Lightning's `AsyncCheckpointIO`): the tensors are
+      copied when the checkpoint is taken, so the file holds that moment's state, and training goes on while it is
+      serialised and written. The run waits for the last write before ``fit`` returns (and at interpreter exit); a
+      failed write fails the run at the next checkpoint or at the end. The cost: a process killed (``kill -9``, out of
+      memory) while a write is in flight, i.e. within about half a second of a checkpoint, loses that checkpoint; the
+      previous ``last.ckpt`` stays intact (the write is atomic). Written in place (the default), a checkpoint is on
+      disk before training goes on.
 
     Args:
         dirpath: folder of the checkpoints (default: the logger's ``log_dir/checkpoints``).
@@ -41,11 +43,11 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: extra numbered checkpoints to keep besides ``last.ckpt`` (default ``0``: none).
         enable_version_counter: ``False`` keeps the name ``last.ckpt`` after a resume or a re-run (distiller configs
             point at ``.../checkpoints/last.ckpt``).
-        background: write in a background thread (see above); ``None`` (default) = on unless ``save_top_k`` keeps
-            numbered files (Lightning deletes older ones from the main thread, possibly while one is being written).
-            A ViT-B CODA teacher's ``last.ckpt`` grows to ~170 MB by its tenth task (a snapshot of the trainable
-            state per task). On one H200 a 10-task run's 10 checkpoints held training up for 3.67 s in place and
-            1.46 s in the background (plus 1.25 s waiting for the last write at the end), its training as fast.
+        background: write in a background thread (see above). Not with ``save_top_k`` != 0 (Lightning deletes older
+            numbered files from the main thread, possibly while one is being written). A ViT-B CODA teacher's
+            ``last.ckpt`` grows to ~170 MB by its tenth task (a snapshot of the trainable state per task). On one
+            H200 a 10-task run's 10 checkpoints held training up for 3.67 s in place and 1.46 s in the background
+            (plus 1.25 s waiting for the last write at the end), its training as fast.
         **kwargs: further `ModelCheckpoint` arguments (``monitor``, ``mode``, ``save_on_exception``, ...).
     """
 
@@ -58,7 +60,7 @@ class RunCheckpoint(ModelCheckpoint):
         save_last: bool | Literal["link"] | None = True,
         save_top_k: int = 0,
         enable_version_counter: bool = False,
-        background: bool | None = None,
+        background: bool = False,
         **kwargs: Any,
     ) -> None:
         if every_n_epochs < 0:
@@ -84,7 +86,7 @@ class RunCheckpoint(ModelCheckpoint):
             raise ValueError(f"checkpoint.background=true with save_top_k={save_top_k} is not supported: Lightning "
                              "deletes older numbered checkpoints while a background write may be in flight; set "
                              "save_top_k 0 (only last.ckpt) or background false")
-        self.background = save_top_k == 0 if background is None else background
+        self.background = background
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
