@@ -270,7 +270,9 @@ class _GraphedAutogradPass(_GraphCache):
     on a stream it picks (the same one for every call in some torch releases, one of 32 pool streams in turn in
     others), and destroying a graph frees the cuBLAS workspace of its capture stream (torch 2.14.1,
     pytorch/pytorch#193402) while another live graph captured there may still replay with it. The graphs kept hold
-    their memory: a prompt pass's is small; a training pass drops a graph only when it meets a third input structure.
+    their memory: a prompt pass's is small; a training pass drops one when it meets a third signature (the batch size
+    is part of it): with tasks of unequal sizes and >= 2 epochs per task, each task whose last, smaller batch has a
+    new size retires a graph holding that batch's activations, kept until `reset`.
     """
 
     retire_dropped = True
