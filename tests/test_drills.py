@@ -253,3 +253,38 @@ def test_divergence_flags_accumulate_on_the_device_for_scalar_and_mixed_terms():
             check.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step - 1)
         assert check._bad.tolist() == [True, False]
         assert int(check._first_bad_step) == 2  # the third step (global step 3 after it, so step index 2)
+
+
+def test_background_checkpoints_only_during_fit_and_a_failed_fit_leaves_no_stale_error(tmp_path, monkeypatch):
+    """The background writer is `fit`'s only: afterwards `trainer.save_checkpoint` writes in place again (the file
+    exists when it returns), and a fit whose write failed does not make the next fit on that trainer fail with the
+    old error."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+
+    from cdl_lightning.callbacks.checkpoint import RunCheckpoint
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(type(trainer.strategy.checkpoint_io).__name__)
+
+    callback = RunCheckpoint(dirpath=str(tmp_path / "ckpt"), background=True)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Probe()],
+                         default_root_dir=tmp_path)
+    real_save = TorchCheckpointIO.save_checkpoint
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(BoringModel())
+    assert isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO)  # an exception skips the teardown hooks
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", real_save)
+    trainer.fit_loop.max_epochs = 4
+    trainer.fit(BoringModel())  # the same trainer: a fresh writer, not the failed one's error
+    assert seen[-1] == "AsyncCheckpointIO" and (tmp_path / "ckpt" / "last.ckpt").is_file()
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert (tmp_path / "after.ckpt").is_file()  # written in place: complete when save_checkpoint returns

@@ -452,9 +452,10 @@ def test_aside_runs_beside_only_within_overlap_which_joins_on_leaving_even_on_er
 
 
 def test_autograd_graph_caches_keep_the_graphs_they_drop_until_reset():
-    """A graphed training / prompt pass never destroys a graph mid-run (evicted, stale or after a failed capture): a
-    destroyed graph frees its capture stream's cuBLAS workspace, which `make_graphed_callables` may share with a live
-    graph (pytorch/pytorch#193402). `GraphedFunction`s (each graph on a stream of its own) drop them at once."""
+    """The graphed prompt pass never destroys a graph mid-run (evicted, stale or after a failed capture): a destroyed
+    graph frees its capture stream's cuBLAS workspace, which `make_graphed_callables` may share with the live
+    training-pass graph (pytorch/pytorch#193402). `GraphedFunction`s (each graph on a stream of its own) and the
+    training pass (rarely dropping one; keeping them would hold activations) drop them at once."""
     from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass
 
     pool = torch.nn.Linear(2, 2)
@@ -473,7 +474,7 @@ def test_autograd_graph_caches_keep_the_graphs_they_drop_until_reset():
     assert prompt_pass.graphs == {} and prompt_pass.retired[-2:] == ["graph 2", "graph 4"]
     prompt_pass.reset()
     assert prompt_pass.retired == []
-    assert GraphedTrainingPass.retire_dropped and not GraphedFunction.retire_dropped
+    assert not GraphedTrainingPass.retire_dropped and not GraphedFunction.retire_dropped
     function = GraphedFunction(lambda x: (x,), [pool], max_graphs=1, capture_after=1)
     for key in range(3):
         function._lookup(key, lambda: f"graph {next(graphs)}")

@@ -28,11 +28,12 @@ class RunCheckpoint(ModelCheckpoint):
       worth keeping and must not replace the last good one).
     - ``background=True`` writes the files in a background thread (Lightning's `AsyncCheckpointIO`): the tensors are
       copied when the checkpoint is taken, so the file holds that moment's state, and training goes on while it is
-      serialised and written. The run waits for the last write before ``fit`` returns (and at interpreter exit); a
-      failed write fails the run at the next checkpoint or at the end. The cost: a process killed (``kill -9``, out of
-      memory) while a write is in flight, i.e. within about half a second of a checkpoint, loses that checkpoint; the
-      previous ``last.ckpt`` stays intact (the write is atomic). Written in place (the default), a checkpoint is on
-      disk before training goes on.
+      serialised and written. The run waits for the last write before ``fit`` returns, also when it raises (the
+      strategy's teardown); a failed write fails the run at the next checkpoint or at the end. Only ``fit`` writes in
+      the background: the strategy's checkpoint IO is restored when it ends, so a ``trainer.save_checkpoint`` after
+      it writes in place. The cost: a process killed (``kill -9``, out of memory) while a write is in flight, i.e.
+      within about half a second of a checkpoint, loses that checkpoint; the previous ``last.ckpt`` stays intact (the
+      write is atomic). Written in place (the default), a checkpoint is on disk before training goes on.
 
     Args:
         dirpath: folder of the checkpoints (default: the logger's ``log_dir/checkpoints``).
@@ -45,9 +46,11 @@ class RunCheckpoint(ModelCheckpoint):
             point at ``.../checkpoints/last.ckpt``).
         background: write in a background thread (see above). Not with ``save_top_k`` != 0 (Lightning deletes older
             numbered files from the main thread, possibly while one is being written). A ViT-B CODA teacher's
-            ``last.ckpt`` grows to ~170 MB by its tenth task (a snapshot of the trainable state per task). On one
-            H200 a 10-task run's 10 checkpoints held training up for 3.67 s in place and 1.46 s in the background
-            (plus 1.25 s waiting for the last write at the end), its training as fast.
+            ``last.ckpt`` grows with its tasks (a snapshot of the trainable state per task; ~170 MB by the tenth, an
+            estimate from the parameter counts, not a measured file). On one H200 a 10-task run's 10 checkpoints held
+            training up for 3.67 s in place and 1.46 s in the background (plus about 1.25 s waiting for the last
+            write at the end: its ``other`` phase grew from 0.43 s to 1.68 s), its training as fast
+            (`benchmarks/measured/2026-12-01_h200_streams/call5`).
         **kwargs: further `ModelCheckpoint` arguments (``monitor``, ``mode``, ``save_on_exception``, ...).
     """
 
@@ -87,13 +90,28 @@ class RunCheckpoint(ModelCheckpoint):
                              "deletes older numbered checkpoints while a background write may be in flight; set "
                              "save_top_k 0 (only last.ckpt) or background false")
         self.background = background
+        self._async_io: AsyncCheckpointIO | None = None  # the wrapper this callback installed for the current fit
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.background and stage == "fit" and not isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
-            # the strategy tears its checkpoint IO down at the end of the run: AsyncCheckpointIO then waits
-            trainer.strategy.checkpoint_io = AsyncCheckpointIO(trainer.strategy.checkpoint_io)
+        if not (self.background and stage == "fit"):
+            return
+        io = trainer.strategy.checkpoint_io
+        if self._async_io is not None and io is self._async_io:
+            io = io.checkpoint_io  # ours, left by a fit that raised: a fresh one (not raising that fit's error again)
+        if not isinstance(io, AsyncCheckpointIO):
+            # the strategy tears its checkpoint IO down at the end of the run, also on an exception: it then waits
+            self._async_io = trainer.strategy.checkpoint_io = AsyncCheckpointIO(io)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit" and self._async_io is not None and trainer.strategy.checkpoint_io is self._async_io:
+            # the strategy's teardown has waited for the writes: a `trainer.save_checkpoint` after `fit` (or during
+            # `validate`/`test`) writes in place again, complete when it returns
+            trainer.strategy.checkpoint_io = self._async_io.checkpoint_io
+            self._async_io = None
 
     @override
     def on_train_batch_end(

@@ -266,14 +266,14 @@ class _GraphedAutogradPass(_GraphCache):
     forward and backward with `torch.cuda.make_graphed_callables`, keyed by its static arguments, its inputs'
     signature and the autocast state, and replayed with `_CloneGrad` on every input that needs a gradient.
 
-    Graphs it drops are kept alive until `reset` (``retire_dropped``): `torch.cuda.make_graphed_callables` captures
-    on a stream it picks (the same one for every call in some torch releases, one of 32 pool streams in turn in
-    others), and destroying a graph frees the cuBLAS workspace of its capture stream (torch 2.14.1,
-    pytorch/pytorch#193402) while another live graph captured there may still replay with it. The graphs kept hold
-    their memory: a prompt pass's is small; a training pass drops a graph only when it meets a third input structure.
+    `GraphedPromptPass` keeps the graphs it drops alive until `reset` (``retire_dropped``):
+    `torch.cuda.make_graphed_callables` captures on a stream it picks (the same one for every call in some torch
+    releases, one of 32 pool streams in turn in others), and destroying a graph frees the cuBLAS workspace of its
+    capture stream (torch 2.14.1, pytorch/pytorch#193402) while another live graph captured there, such as the
+    training pass's, may still replay with it. Its graphs are small and it drops one per task. `GraphedTrainingPass`
+    drops its graphs (as before): it drops one only when it meets a third signature (with tasks of unequal sizes and
+    >= 2 epochs per task, each task's last, smaller batch), and keeping those would hold a batch's activations each.
     """
-
-    retire_dropped = True
 
     def usable(self, tensors: Sequence[Tensor]) -> bool:
         return (
@@ -382,6 +382,8 @@ class GraphedPromptPass(_GraphedAutogradPass):
         warmup: eager forward+backward iterations before capture.
         capture_after: a signature is captured on its ``capture_after``-th call (the earlier ones run eagerly).
     """
+
+    retire_dropped = True
 
     def __init__(self, pool: nn.Module, max_graphs: int = 2, warmup: int = 3, capture_after: int = 2) -> None:
         super().__init__([pool], max_graphs, warmup, capture_after)
