@@ -479,3 +479,23 @@ def test_autograd_graph_caches_keep_the_graphs_they_drop_until_reset():
     for key in range(3):
         function._lookup(key, lambda: f"graph {next(graphs)}")
     assert function.retired == [] and len(function.graphs) == 1
+
+
+def test_graphed_autograd_passes_run_a_partial_batch_eagerly():
+    """An epoch's last, smaller batch is not captured (no capture and no second graph for a once-per-epoch step): the
+    graphed training / prompt passes call it eagerly, and a full batch after it is graphed again."""
+    from types import SimpleNamespace
+
+    from cdl_lightning.nn.graphs import GraphedPromptPass, GraphedTrainingPass
+
+    def batch(n):
+        return [SimpleNamespace(is_cuda=True, requires_grad=True, shape=(n, 3)),
+                SimpleNamespace(is_cuda=True, requires_grad=True, shape=(8, 2))]
+
+    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False):
+        for runner in (GraphedTrainingPass(torch.nn.Linear(2, 2)), GraphedPromptPass(torch.nn.Linear(2, 2))):
+            assert [runner.usable(batch(n)) for n in (64, 64, 8, 64, 16, 64)] == [True, True, False, True, False, True]
+            assert runner.largest_batch == 64
+            assert runner.usable(batch(128)) and not runner.usable(batch(64))  # a larger batch becomes the full one
+            with torch.no_grad():
+                assert not runner.usable(batch(128))  # autograd off: eager, as before

@@ -271,18 +271,28 @@ class _GraphedAutogradPass(_GraphCache):
     releases, one of 32 pool streams in turn in others), and destroying a graph frees the cuBLAS workspace of its
     capture stream (torch 2.14.1, pytorch/pytorch#193402) while another live graph captured there, such as the
     training pass's, may still replay with it. Its graphs are small and it drops one per task. `GraphedTrainingPass`
-    drops its graphs (as before): it drops one only when it meets a third signature (with tasks of unequal sizes and
-    >= 2 epochs per task, each task's last, smaller batch), and keeping those would hold a batch's activations each.
+    drops its graphs (keeping them would hold a batch's activations each), but only on a change of input structure.
+
+    A batch smaller than the largest one seen (an epoch's last, partial batch) runs eagerly: the same kernels, so the
+    same numbers, and no capture (about a second each) nor second graph for a step that comes once per epoch; with
+    tasks of unequal sizes each task's last batch would otherwise be captured and evict the previous task's.
     """
 
+    largest_batch = 0
+    """The largest leading dimension of the first input seen (the batch)."""
+
     def usable(self, tensors: Sequence[Tensor]) -> bool:
-        return (
+        if not (
             self.disabled_reason is None
             and all(t.is_cuda for t in tensors)
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in tensors)
             and not torch.cuda.is_current_stream_capturing()
-        )
+        ):
+            return False
+        batch = tensors[0].shape[0] if tensors and len(tensors[0].shape) else 0
+        self.largest_batch = max(self.largest_batch, batch)
+        return batch == self.largest_batch
 
     @staticmethod
     def _key(static: Hashable, flat: Sequence[Tensor]) -> tuple:
