@@ -41,6 +41,11 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     return diff <= 1e-3 * max(1.0, b.abs().max().item())
 
 
+def counters(model: PromptLearner) -> dict[str, tuple[int, int]]:
+    """``{pass name: (captures, replays)}`` of a model's CUDA-graph runners."""
+    return {name: (r.captures, r.replays) for name, r in model.graph_runners.items()}
+
+
 def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, torch.Tensor, dict]:
     s = tp.Settings(s.device, s.tiny, 0, 0, False, cast_weights=fast, cuda_graphs=fast,
                     graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher)
@@ -64,8 +69,7 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     model.eval()
     with torch.no_grad(), torch.autocast(s.device.type, dtype=torch.bfloat16):
         logits = model(batches[0][0], task=0)
-    runners = {name: (r.captures, r.replays) for name, r in model.graph_runners.items()}
-    runners["side streams"] = len(model.fast_paths.streams)
+    runners = {**counters(model), "side streams": len(model.fast_paths.streams)}
     return losses, model.trainable_state(), logits, runners
 
 
@@ -122,9 +126,8 @@ def check_fit(s: tp.Settings) -> bool:
                                 backbone=student_vit, prompt=coda, **data.model_kwargs(), **flags,
                                 concurrent_teacher=fast and s.concurrent_teacher)
             student_matrix, state = fit(student, data, root / "student")
-            runners = {name: (r.captures, r.replays) for name, r in student.graph_runners.items()}
             print(f"  fast={fast}: teacher matrix {teacher_matrix.tolist()}, student matrix {student_matrix.tolist()}, "
-                  f"student graph runners {runners}")
+                  f"student graph runners {counters(student)}")
             results[fast] = teacher_matrix, student_matrix, state
         (t0, s0, state0), (t1, s1, state1) = results[False], results[True]
         ok &= compare("teacher accuracy matrix", t1.nan_to_num(-1), t0.nan_to_num(-1))

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -138,33 +139,27 @@ def executed_notebooks(
     """Every notebook executed from an empty working directory, two at a time (each kernel trains on one thread, the
     CI machine has two cores): ``{name: (executed copy, working directory, error output or "")}``. Temporary outputs
     go to each kernel's own TMPDIR."""
-    runs: dict[str, tuple[Path, Path, str]] = {}
     selected = {item.callspec.params["path"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_notebook_runs" and hasattr(item, "callspec")}
-    pending = [path for path in NOTEBOOKS if path in selected]
-    running: list[tuple[Path, Path, Path, subprocess.Popen, float]] = []
-    while pending or running:
-        while pending and len(running) < 2:
-            path = pending.pop(0)
-            root = tmp_path_factory.mktemp(path.stem)
-            workdir, tmpdir, out = root / "cwd", root / "tmp", root / path.name
-            workdir.mkdir()
-            tmpdir.mkdir()
-            env = {**os.environ, "TMPDIR": str(tmpdir)}  # inherited by the kernel
-            with open(root / "stderr.txt", "w") as log:  # a file, not a pipe: a full pipe would block the child
-                process = subprocess.Popen([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)],
-                                           env=env, stdout=subprocess.DEVNULL, stderr=log)
-            running.append((path, out, workdir, process, time.perf_counter()))
-        for entry in list(running):
-            path, out, workdir, process, start = entry
-            if process.poll() is None:
-                continue
-            error = (out.parent / "stderr.txt").read_text() if process.returncode else ""
-            print(f"{path.name}: {time.perf_counter() - start:.1f} s")
-            runs[path.name] = (out, workdir, error or "")
-            running.remove(entry)
-        time.sleep(0.2)
-    return runs
+
+    def execute(path: Path) -> tuple[Path, Path, str]:
+        root = tmp_path_factory.mktemp(path.stem)
+        workdir, tmpdir, out = root / "cwd", root / "tmp", root / path.name
+        workdir.mkdir()
+        tmpdir.mkdir()
+        env = {**os.environ, "TMPDIR": str(tmpdir)}  # inherited by the kernel
+        start = time.perf_counter()
+        with open(root / "stderr.txt", "w+") as log:  # a file, not a pipe: a full pipe would block the child
+            done = subprocess.run([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=log)
+            log.seek(0)
+            error = log.read() if done.returncode else ""
+        print(f"{path.name}: {time.perf_counter() - start:.1f} s")
+        return out, workdir, error
+
+    paths = [path for path in NOTEBOOKS if path in selected]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {path.name: run for path, run in zip(paths, pool.map(execute, paths))}
 
 
 @pytest.mark.slow
