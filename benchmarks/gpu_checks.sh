@@ -16,6 +16,9 @@
 #           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --graph-prompts
 #   e2e1v   the e2e1 student again with concurrent_teacher off (the default before 2026-12-01), then with
 #           graph_prompts on (opt-in): the two levers' effect on the real run (needs e2e1 first, for its teacher)
+#   e2e1a   the e2e1 teacher and student again with the training batches' augmentation run eagerly
+#           (--data.cuda_graphs false): its graph's effect on the real run; the accuracy matrices must equal e2e1's
+#           bitwise (needs e2e1 first)
 #   ckpt1   the e2e1 teacher twice, with checkpoints written in place and in the background (--checkpoint.background)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
 #
@@ -103,6 +106,22 @@ for part in $PARTS; do
         e2e_one_gpu "$name" "ViT-B -> ViT-S KDP student, 1 GPU, $setting" --model kdp-b-s --out "$RUNS/${name}" \
           --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" -- --model.init_args.$setting
       done ;;
+    e2e1a)
+      e2e_one_gpu e2e_teacher_1gpu_augment_eager "ViT-B CODA teacher, 1 GPU, data.cuda_graphs false" --model coda-b \
+        --out "$RUNS/augment_eager" -- --data.cuda_graphs false
+      e2e_one_gpu e2e_student_1gpu_augment_eager "ViT-B -> ViT-S KDP student, 1 GPU, data.cuda_graphs false" \
+        --model kdp-b-s --out "$RUNS/augment_eager" --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" \
+        -- --data.cuda_graphs false
+      note "accuracy matrices, augmentation graphed (e2e1) vs eager (e2e1a)"
+      python3 - "$RUNS" <<'PY'
+import json, sys
+for name in ("coda-b", "kdp-b-s"):
+    m = [json.load(open(f"{sys.argv[1]}/{run}/{name}/metrics.json"))["accuracy_matrix"] for run in ("gpu1", "augment_eager")]
+    print(f"{name}: accuracy matrices {'bitwise equal' if m[0] == m[1] else 'DIFFER'}; last row {m[0][-1]}")
+    if m[0] != m[1]:
+        print(f"  graphed {m[0][-1]}\n  eager   {m[1][-1]}"); sys.exit(1)
+PY
+      keep ;;
     e2e2)
       e2e_two_gpus e2e_teacher_2gpu gpu2 metrics_teacher_2gpu.json "2 GPUs DDP"
       cp "$RUNS/gpu1/coda-b/metrics.json" "$OUT/metrics_teacher_1gpu.json" 2>/dev/null || true ;;

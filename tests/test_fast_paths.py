@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from unittest import mock
 
 import pytest
@@ -366,6 +367,8 @@ def test_each_graph_captures_on_a_stream_no_live_graph_and_no_other_code_uses(mo
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
     monkeypatch.setattr(graphs, "_held_streams", {})
     teacher = GraphedFunction(lambda x: (x + 1,), warmup=1)
     x = torch.zeros(2)
@@ -381,6 +384,60 @@ def test_each_graph_captures_on_a_stream_no_live_graph_and_no_other_code_uses(mo
     assert again.stream.key[2] == 5 and len(graphs._held_streams) == 32
     with pytest.warns(UserWarning, match="all 32 high-priority CUDA streams are held"):
         teacher._capture([x], {})  # a 33rd live graph: sharing cannot be avoided, and it says so
+
+
+class _FakeGenerator:
+    """The device's default CUDA generator as a draw counter: `torch.cuda.get_rng_state` / `set_rng_state` read and
+    write it; the graphed function below draws from it."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.devices: list = []
+
+    def get(self, device=None) -> torch.Tensor:
+        self.devices.append(device)
+        return torch.tensor([self.offset])
+
+    def set(self, state: torch.Tensor, device=None) -> None:
+        self.devices.append(device)
+        self.offset = int(state[0])
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fails):
+    """A graphed function that draws random numbers (the data module's augmentation) must draw what the eager call
+    it replaces would: the warm-up calls before capture, and the capture itself, leave the device's generator where
+    it was, also when capture fails (the pass then runs eagerly from the restored state)."""
+    from cdl_lightning.nn import graphs
+
+    generator = _FakeGenerator()
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device, -1, 0))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", generator.get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", generator.set)
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    calls = []
+
+    def augment(x):
+        generator.offset += 4  # a kernel's draw
+        calls.append(generator.offset)
+        if capture_fails and len(calls) == 3:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return (x + 1,)
+
+    generator.offset = 40
+    function = GraphedFunction(augment, warmup=2)
+    x = torch.zeros(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entry = function._capture([x], {})
+    assert calls == [44, 48, 44]  # two warm-up calls, then the capture drew from the restored state
+    assert generator.offset == 40  # and nothing of it stays drawn
+    assert set(generator.devices) == {x.device}
+    assert (entry is None) == capture_fails == (function.disabled_reason is not None) == bool(caught)
 
 
 def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:

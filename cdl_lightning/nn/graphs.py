@@ -4,7 +4,9 @@ A prompt learner's step at batch 64 is bound by the CPU on a modern GPU: every V
 kernels, and launching them takes longer than running them. A CUDA graph (``torch.cuda.CUDAGraph``) records a pass's
 kernels once and replays them with one launch. That is only valid for passes whose kernels and memory addresses do not
 change between calls, which is what the frozen passes are: fixed weights (updated in place when a teacher switches
-task snapshot), no autograd, no randomness (eval mode), no host synchronisation.
+task snapshot), no autograd, no host synchronisation, no randomness but draws from the device's default CUDA
+generator (a batch's augmentation: PyTorch registers that generator with every graph it captures, and a replay draws
+what the eager call it replaces would have drawn).
 
 `GraphedFunction` wraps such a pass: per input signature (shapes, dtypes, autocast and inference-mode state, plus the
 static keyword arguments such as the task) it captures a graph on first use and afterwards copies the inputs into the
@@ -174,8 +176,11 @@ class GraphedFunction(_GraphCache):
 
     Args:
         fn: a pure function of its tensor arguments, its hashable keyword arguments (``static``: each value gets its
-            own graph) and the parameters/buffers of ``modules``: no autograd, no randomness, no host synchronisation
-            (``.item()``, data-dependent shapes). It returns a tuple of tensors.
+            own graph) and the parameters/buffers of ``modules``: no autograd, no host synchronisation (``.item()``,
+            data-dependent shapes), random numbers only from the device's default CUDA generator (``torch.rand(...,
+            device=...)``: the warm-up's draws are undone before capture, and each replay advances the generator as
+            one eager call does, so a replay draws the same numbers as the eager call it replaces). It returns a tuple
+            of tensors.
         modules: the modules whose parameters and buffers ``fn`` reads; a graph is re-captured when their storage
             moved (e.g. after ``.to(device)``).
         max_graphs: graphs kept (least recently used first out); each holds its own memory pool.
@@ -222,6 +227,7 @@ class GraphedFunction(_GraphCache):
     def _capture(self, tensors: Sequence[Tensor], static: dict[str, Hashable]) -> _Graph | None:
         inputs = tuple(t.clone() for t in tensors)
         device = inputs[0].device
+        rng = torch.cuda.get_rng_state(device)
         try:
             # this graph's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
             # with the address it captured, so graphs captured on one shared stream (`torch.cuda.graph`'s default)
@@ -229,14 +235,19 @@ class GraphedFunction(_GraphCache):
             # destroying one (an evicted or re-captured graph) frees the workspace the others use (`private_stream`)
             side = private_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
+            # the warm-up calls must not consume random numbers of the run: the generator is put back before capture
+            # (in place: the graph reads its seed and offset at every replay) and after it (capture draws nothing)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*inputs, **static)
             torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.set_rng_state(rng, device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side), _capture_autocast():
                 outputs = self.fn(*inputs, **static)
+            torch.cuda.set_rng_state(rng, device)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
+            torch.cuda.set_rng_state(rng, device)
             self._disable(err, "a gradient-free pass")
             return None
         if not isinstance(outputs, tuple) or not all(isinstance(t, Tensor) for t in outputs):

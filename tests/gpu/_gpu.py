@@ -36,12 +36,14 @@ STUDENT_VIT = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**TINY, 
 CODA = functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2))
 
 
-def make_data(num_tasks: int = 2, epochs_per_task: int = 2, classes_per_task: int = 4) -> ContinualDataModule:
+def make_data(num_tasks: int = 2, epochs_per_task: int = 2, classes_per_task: int = 4,
+              cuda_graphs: bool = True) -> ContinualDataModule:
     """Synthetic shapes, ``classes_per_task * 32`` training images per task (batches of 16: all full) and 8 test
-    images per class (eval batches of 16: all full), so every pass sees one input shape."""
+    images per class (eval batches of 16: all full), so every pass sees one input shape. ``cuda_graphs``: the
+    training batches' augmentation replayed from a CUDA graph (the data module's default)."""
     source = SyntheticShapes(num_classes=num_tasks * classes_per_task, train_per_class=32, test_per_class=8)
     return ContinualDataModule(source=source, num_tasks=num_tasks, epochs_per_task=epochs_per_task, batch_size=16,
-                               eval_batch_size=16, image_size=32)
+                               eval_batch_size=16, image_size=32, cuda_graphs=cuda_graphs)
 
 
 def gpu_trainer(root: Path, data: ContinualDataModule, precision: str = "bf16-mixed", callbacks: list | None = None,

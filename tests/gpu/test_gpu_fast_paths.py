@@ -163,7 +163,7 @@ def hand_steps_initial_state(checkpoint: str) -> dict[str, torch.Tensor]:
 def fit_pair(root: Path, fast: bool, num_tasks: int = 2) -> SimpleNamespace:
     """A CODA teacher fit, then a KDP student fit taught by it, on one GPU under bf16-mixed."""
     flags = dict(cast_frozen_weights=fast, cuda_graphs=fast)
-    data = make_data(num_tasks=num_tasks)
+    data = make_data(num_tasks=num_tasks, cuda_graphs=fast)
     torch.manual_seed(0)
     teacher = PromptLearner(backbone=TEACHER_VIT, prompt=CODA, **data.model_kwargs(), **flags)
     teacher_eval = evaluation()
@@ -171,7 +171,8 @@ def fit_pair(root: Path, fast: bool, num_tasks: int = 2) -> SimpleNamespace:
 
     checkpoint = ModelCheckpoint(dirpath=root / "teacher", save_last=True)
     gpu_trainer(root / "teacher", data, callbacks=[teacher_eval, checkpoint]).fit(teacher, data)
-    data = make_data(num_tasks=num_tasks)
+    augment_counters = data_counters(data)
+    data = make_data(num_tasks=num_tasks, cuda_graphs=fast)
     torch.manual_seed(1)
     student = Distiller(method=KDP(), teacher_checkpoint=str(root / "teacher" / "last.ckpt"), backbone=STUDENT_VIT,
                         prompt=CODA, **data.model_kwargs(), **flags)
@@ -180,7 +181,14 @@ def fit_pair(root: Path, fast: bool, num_tasks: int = 2) -> SimpleNamespace:
     torch.cuda.synchronize()
     return SimpleNamespace(teacher_matrix=teacher_eval.matrix, student_matrix=student_eval.matrix,
                            teacher_state=teacher.trainable_state(), student_state=student.trainable_state(),
-                           teacher_counters=counters(teacher), student_counters=counters(student))
+                           teacher_counters={**counters(teacher), **augment_counters},
+                           student_counters={**counters(student), **data_counters(data)})
+
+
+def data_counters(data) -> dict[str, tuple[int, int]]:
+    """``{"augment": (captures, replays)}`` of a data module's training-batch graph (empty if it never ran)."""
+    graphs = data._train_batch_graphs
+    return {} if graphs is None else {"augment": (graphs.captures, graphs.replays)}
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +217,8 @@ def expected_counters(num_tasks: int, teacher: bool) -> dict[str, tuple[int, int
     steps = num_tasks * 2 * 8
     keys = 1 if GRAPHS_SHARED_ACROSS_TASKS else num_tasks
     eval_batches = sum(2 * (t + 1) for t in range(num_tasks))
-    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys)}
+    expected = {"query": (1, steps - 1), "train": (1, steps - 1), "logits": (keys, eval_batches - keys),
+                "augment": (1, steps - 1)}
     if teacher:
         expected["teacher"] = (keys, steps - keys)
     return expected
@@ -234,3 +243,32 @@ def test_captures_do_not_grow_with_the_number_of_tasks(fits, tmp_path):
         captures_2 = {name: value[0] for name, value in runners_2.items()}
         captures_3 = {name: value[0] for name, value in runners_3.items()}
         assert captures_3 == captures_2, (runners_2, runners_3)
+
+
+# ============================================================================ the training batches' augmentation graph
+def test_augmentation_graph_draws_what_eager_draws():
+    """The data module's graphed augmentation (``cuda_graphs``) gives bitwise the eager batches, batch after batch, and
+    leaves the generator where the eager calls leave it; the warm-up before capture draws nothing of the run's; a
+    smaller batch runs eagerly; a restored generator state replays the same batch (a resumed run)."""
+    graphed, eager = make_data(cuda_graphs=True), make_data(cuda_graphs=False)
+    images = torch.randint(0, 256, (7, 16, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    last = images[0, :5]  # an epoch's smaller last batch
+
+    def batches(data):
+        torch.cuda.manual_seed(123)
+        out = [data.preprocess(x, train=True) for x in images] + [data.preprocess(last, train=True)]
+        return out, torch.cuda.get_rng_state()
+
+    eager_out, eager_rng = batches(eager)
+    graphed_out, graphed_rng = batches(graphed)
+    assert eager._train_batch_graphs is None
+    assert (graphed._train_batch_graphs.captures, graphed._train_batch_graphs.replays) == (1, 6)
+    for i, (g, e) in enumerate(zip(graphed_out, eager_out, strict=True)):
+        assert g.shape == e.shape == (16 if i < 7 else 5, 3, 32, 32)
+        assert_bitwise(g, e, f"training batch {i}")
+    assert torch.equal(graphed_rng, eager_rng)
+    assert not torch.equal(graphed_out[0], graphed_out[1])  # new draws per batch, not one replayed crop
+    state = torch.cuda.get_rng_state()
+    first = graphed.preprocess(images[0], train=True)
+    torch.cuda.set_rng_state(state)
+    assert_bitwise(graphed.preprocess(images[0], train=True), first, "a batch after restoring the generator")
