@@ -13,8 +13,11 @@ trainer. Rank 0 prints, per phase (the phases partition the wall time from proce
   queueing it; the last write's wait lands in ``other``);
 * ``other``: the rest (loaders rebuilt between epochs, epoch hooks, fit teardown).
 
-Phase boundaries synchronise the GPU (never inside a phase), so a phase holds the GPU work it launched. ``train`` also
-gives images per second (all ranks) and, when a step rate is known, the fraction of it. The step rate is either given
+Phase boundaries synchronise the GPU, so a phase holds the GPU work it launched; inside ``train`` the GPU is also
+synchronised once per epoch, at the end of its ``STEADY_AFTER``-th batch. ``train`` also gives images per second (all
+ranks) and, when a step rate is known, the fraction of it; ``steady`` gives the same for the training batches after
+each epoch's first ``STEADY_AFTER`` (what a long epoch converges to: a task's first batches pay the graph captures of
+its new shapes and snapshot, an epoch's first ones the loader's start). The step rate is either given
 (``--step-rate``, e.g. from ``benchmarks/throughput.py``) or measured after the fit on rank 0 with throughput.py's
 timing (``time_ms``: warm-up, then CUDA-event timed steps) on the fitted model itself (same model, batch size, image
 size, precision, speed paths): ``training_step`` + ``backward`` + Adam step on one fixed random batch of the last task's
@@ -53,6 +56,7 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("startup", "train", "validation", "checkpoint", "other")
+STEADY_AFTER = 5  # ``steady``: the training batches of an epoch after its first STEADY_AFTER
 TIMM = {"b": "vit_base_patch16_224", "s": "vit_small_patch16_224"}
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "pretrained": False,
                  "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}}
@@ -120,6 +124,9 @@ def _timer_class() -> type:
             self.seconds = dict.fromkeys(PHASES, 0.0)
             self.train_images = 0
             self.train_batches = 0
+            self.steady_seconds = 0.0  # train time and images after each epoch's first STEADY_AFTER batches
+            self.steady_images = 0
+            self.steady_since: float | None = None
             self.first_batch_done: float | None = None
             self.cuda = False
             self.device: Any = None
@@ -132,6 +139,8 @@ def _timer_class() -> type:
                 torch.cuda.synchronize(self.device)
             now = time.time()
             self.seconds[self.phase] += now - self.last
+            if self.phase == "train" and self.steady_since is not None:  # in the epoch's steady part
+                self.steady_seconds += now - max(self.steady_since, self.last)
             self.last = now
             if phase is not None:
                 self.phase = phase
@@ -171,6 +180,14 @@ def _timer_class() -> type:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             if self.first_batch_done is None:
                 self.first_batch_done = time.time()
+            if batch_idx + 1 == STEADY_AFTER:  # the steady part of this epoch starts when this batch's work is done
+                if self.cuda:
+                    import torch
+
+                    torch.cuda.synchronize(self.device)
+                self.steady_since = time.time()
+            elif self.steady_since is not None:
+                self.steady_images += int(batch[0].shape[0])
 
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             self.switch("validation")
@@ -181,13 +198,15 @@ def _timer_class() -> type:
         def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             if self.phase == "train":
                 self.switch("other")
+            self.steady_since = None
 
         def finish(self) -> dict[str, Any]:
             self.switch("other")
             busy = self.sampler.stop() if self.sampler is not None else {}
             return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                     "wall": round(self.last - self.start, 3), "train_images": self.train_images,
-                    "train_batches": self.train_batches, "gpu_busy": busy}
+                    "train_batches": self.train_batches, "gpu_busy": busy,
+                    "steady": {"seconds": round(self.steady_seconds, 3), "images": self.steady_images}}
 
     return PhaseTimer
 
@@ -370,6 +389,11 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
     result["fraction_of_step_rate"] = (round(result["train_img_per_s"] / (step_rate * world), 3)
                                        if step_rate and result["train_img_per_s"] else None)
     result["whole_run_img_per_s"] = round(images / wall, 1) if wall > 0 else None
+    steady = result["steady"]
+    steady["img_per_s"] = (round(steady["images"] * world / steady["seconds"], 1) if steady["seconds"] > 0
+                           else None)
+    steady["fraction_of_step_rate"] = (round(steady["img_per_s"] / (step_rate * world), 3)
+                                       if step_rate and steady["img_per_s"] else None)
     busy = result["gpu_busy"]
     print(f"\n{'phase':<11} {'seconds':>9} {'% of wall':>9} {'GPU busy':>9}")
     for phase in PHASES:
@@ -381,6 +405,11 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
     step = f", step rate {step_rate:.0f} img/s per GPU -> fraction {fraction:.2f}" if fraction else ""
     print(f"train: {images} images on {world} process(es) in {train_s:.2f} s = {result['train_img_per_s']} "
           f"img/s{step}; whole run {result['whole_run_img_per_s']} img/s")
+    if steady["img_per_s"]:
+        fraction = steady["fraction_of_step_rate"]
+        print(f"steady: {steady['images'] * world} images (each epoch after its first {STEADY_AFTER} batches) in "
+              f"{steady['seconds']:.2f} s = {steady['img_per_s']} img/s"
+              + (f" -> fraction {fraction:.2f} of the step rate" if fraction else ""))
     print(json.dumps({"bench": "cdl-e2e", **result}), flush=True)
     return result
 

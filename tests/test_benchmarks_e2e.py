@@ -48,6 +48,13 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     assert result["train_batches"] == sum(math.ceil(n / 16) for n in per_task)
     assert result["train_img_per_s"] == round(sum(per_task) / seconds["train"], 1)
     assert result["fraction_of_step_rate"] is None  # --no-step
+    # steady: each epoch's batches after its first 5 (2 epochs here), timed within the train phase
+    steady = result["steady"]
+    assert steady["images"] == sum(per_task) - 2 * 5 * 16
+    assert 0 < steady["seconds"] < seconds["train"]
+    assert steady["img_per_s"] == round(steady["images"] / steady["seconds"], 1)
+    assert steady["fraction_of_step_rate"] is None
+    assert f"steady: {steady['images']} images (each epoch after its first 5 batches)" in run.stdout
     printed = next(line for line in run.stdout.splitlines() if line.startswith('{"bench": "cdl-e2e"'))
     assert json.loads(printed)["seconds"] == seconds
     # --profile-steps 5 from the first epoch's third-last batch: cut at its last batch, before validation, so 3
