@@ -410,10 +410,10 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
     it was, also when capture fails (the pass then runs eagerly from the restored state)."""
     from cdl_lightning.nn import graphs
 
-    generator = _FakeGenerator()
+    generator, main, used = _FakeGenerator(), _FakeStream(torch.device("cpu"), -1, 0), []
     monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device, -1, 0))
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
     monkeypatch.setattr(torch.cuda, "get_rng_state", generator.get)
@@ -438,6 +438,27 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
     assert generator.offset == 40  # and nothing of it stays drawn
     assert set(generator.devices) == {x.device}
     assert (entry is None) == capture_fails == (function.disabled_reason is not None) == bool(caught)
+    # the caller's stream waits for the warm-up, and after a capture for the capture stream's pre-capture work (torch
+    # 2.11 fills the generator's seed and offset tensors there, which a replay on the caller's stream refills and reads)
+    assert main.waited == [used[0]] * (1 if capture_fails else 2)
+
+
+def test_data_module_pickles_and_copies_without_its_augmentation_graph():
+    """A data module that augmented CUDA batches holds a CUDA graph and a stream, neither picklable: ``ddp_spawn`` and
+    ``copy.deepcopy`` (a notebook) must still copy it; the copy captures its own graph at its first CUDA batches."""
+    import pickle
+    import threading
+
+    from cdl_lightning.data import ContinualDataModule
+    from cdl_lightning.data.synthetic import SyntheticShapes
+
+    data = ContinualDataModule(source=SyntheticShapes(num_classes=4, train_per_class=4, test_per_class=2), num_tasks=2,
+                               epochs_per_task=1, batch_size=4, eval_batch_size=4, image_size=32)
+    data._train_batch_graphs = GraphedFunction(data._train_batch, max_graphs=1)
+    data._train_batch_graphs.graphs["key"] = (threading.Lock(), ())  # stands for a captured graph: not picklable
+    for copied in (copy.deepcopy(data), pickle.loads(pickle.dumps(data))):
+        assert copied._train_batch_graphs is None and copied.cuda_graphs and copied.batch_size == 4
+    assert data._train_batch_graphs.graphs  # the original keeps its graph
 
 
 def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:

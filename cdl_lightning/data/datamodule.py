@@ -318,6 +318,11 @@ class ContinualDataModule(LightningDataModule):
     def _train_batch(self, images: Tensor) -> tuple[Tensor]:
         return (self.train_augment(_to_float(images)),)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled/deep-copied (``ddp_spawn``, a notebook's ``copy.deepcopy``) without the training batches' CUDA
+        graph: graphs and streams cannot be pickled; a copy captures its own at its first CUDA batches."""
+        return {**self.__dict__, "_train_batch_graphs": None}
+
     @override
     def state_dict(self) -> dict[str, Any]:
         """The task split (plain ints and the class names), checked on resume so a checkpoint is not continued on

@@ -5,8 +5,8 @@ kernels, and launching them takes longer than running them. A CUDA graph (``torc
 kernels once and replays them with one launch. That is only valid for passes whose kernels and memory addresses do not
 change between calls, which is what the frozen passes are: fixed weights (updated in place when a teacher switches
 task snapshot), no autograd, no host synchronisation, no randomness but draws from the device's default CUDA
-generator (a batch's augmentation: PyTorch registers that generator with every graph it captures, and a replay draws
-what the eager call it replaces would have drawn).
+generator (a batch's augmentation: PyTorch registers that generator with every graph it captures, in newer releases
+with every graph that draws from it, and a replay draws what the eager call it replaces would have drawn).
 
 `GraphedFunction` wraps such a pass: per input signature (shapes, dtypes, autocast and inference-mode state, plus the
 static keyword arguments such as the task) it captures a graph on first use and afterwards copies the inputs into the
@@ -246,6 +246,10 @@ class GraphedFunction(_GraphCache):
             with torch.cuda.graph(graph, stream=side), _capture_autocast():
                 outputs = self.fn(*inputs, **static)
             torch.cuda.set_rng_state(rng, device)
+            # torch 2.11 (``CUDAGraph::capture_begin`` -> ``CUDAGeneratorState::capture_prologue``) fills the default
+            # generator's seed and offset tensors, which every graph that draws reads, on the capture stream before
+            # capture: order those fills before any later replay's own (``replay_prologue``, on the replaying stream)
+            torch.cuda.current_stream(device).wait_stream(side)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
             torch.cuda.set_rng_state(rng, device)
             self._disable(err, "a gradient-free pass")
