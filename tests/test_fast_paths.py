@@ -407,15 +407,30 @@ class _FakeGenerator:
 def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fails):
     """A graphed function that draws random numbers (the data module's augmentation) must draw what the eager call
     it replaces would: the warm-up calls before capture, and the capture itself, leave the device's generator where
-    it was, also when capture fails (the pass then runs eagerly from the restored state)."""
+    it was, also when capture fails (the pass then runs eagerly from the restored state, on the caller's stream)."""
     from cdl_lightning.nn import graphs
 
-    generator, main, used = _FakeGenerator(), _FakeStream(torch.device("cpu"), -1, 0), []
+    generator, main, used, captured = _FakeGenerator(), _FakeStream(torch.device("cpu"), -1, 0), [], []
+    current = [main]
+
+    class _Capture(_FakeGraph):  # `torch.cuda.graph`: its stream current inside; left current if capture_end raises
+        def __init__(self, graph, stream=None) -> None:
+            super().__init__(stream)
+            captured.append(stream)
+
+        def __enter__(self) -> None:
+            self.previous, current[0] = current[0], self.stream
+
+        def __exit__(self, error_type, *args) -> None:
+            if error_type is None:
+                current[0] = self.previous
+
     monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "graph", _Capture)
     monkeypatch.setattr(torch.cuda, "get_rng_state", generator.get)
     monkeypatch.setattr(torch.cuda, "set_rng_state", generator.set)
     monkeypatch.setattr(graphs, "_held_streams", {})
@@ -441,6 +456,9 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
     # the caller's stream waits for the warm-up, and after a capture for the capture stream's pre-capture work (torch
     # 2.11 fills the generator's seed and offset tensors there, which a replay on the caller's stream refills and reads)
     assert main.waited == [used[0]] * (1 if capture_fails else 2)
+    # a failed capture leaves the caller's stream current, and (torch 2.11) the generator out of capture mode: a
+    # trivial capture on the same stream runs the generator's capture epilogue that the failed one skipped
+    assert current[0] is main and captured == [used[0]] * (2 if capture_fails else 1)
 
 
 def test_data_module_pickles_and_copies_without_its_augmentation_graph():
