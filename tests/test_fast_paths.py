@@ -461,6 +461,33 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
     assert current[0] is main and captured == [used[0]] * (2 if capture_fails else 1)
 
 
+def test_a_failed_training_pass_capture_gives_the_stream_back_and_rearms_the_generator(monkeypatch):
+    """`torch.cuda.make_graphed_callables` failing inside a capture leaves that capture's stream current (and, torch
+    2.11, the default generator in capture mode): the caller's stream is made current again, and a trivial capture on
+    a free high-priority stream runs the generator's capture epilogue; the pass then runs eagerly."""
+    from cdl_lightning.nn import graphs
+
+    main, captured = _FakeStream(torch.device("cpu"), -1, 0), []
+    current = [main]
+
+    def make_graphed_callables(*args, **kwargs):
+        current[0] = _FakeStream(torch.device("cpu"), 0, 7)  # torch.cuda.graph left its capture stream current
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: captured.append(stream) or _FakeGraph(stream))
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    cache = graphs._GraphedAutogradPass([], max_graphs=1, warmup=1)
+    with pytest.warns(UserWarning, match="capture of the training pass failed"):
+        assert cache._graph(lambda x: (x,), [torch.zeros(2)], "the training pass") is None
+    assert current[0] is main and len(captured) == 1 and captured[0].key[1] == 1
+    assert cache.disabled_reason == "RuntimeError: operation not permitted when stream is capturing"
+
+
 def test_data_module_pickles_and_copies_without_its_augmentation_graph():
     """A data module that augmented CUDA batches holds a CUDA graph and a stream, neither picklable: ``ddp_spawn`` and
     ``copy.deepcopy`` (a notebook) must still copy it; the copy captures its own graph at its first CUDA batches."""

@@ -345,11 +345,13 @@ class _GraphedAutogradPass(_GraphCache):
         """``run`` captured forward and backward on copies of ``flat``; ``None`` (and eager from now on) if capture
         fails."""
         sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        caller = torch.cuda.current_stream(flat[0].device)
         try:
             with _capture_autocast():
                 return torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
                                                          allow_unused_input=True)
         except Exception as err:
+            _recover_from_failed_capture(caller, private_stream(caller.device))
             self._disable(err, what)
             return None
 
