@@ -407,15 +407,30 @@ class _FakeGenerator:
 def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fails):
     """A graphed function that draws random numbers (the data module's augmentation) must draw what the eager call
     it replaces would: the warm-up calls before capture, and the capture itself, leave the device's generator where
-    it was, also when capture fails (the pass then runs eagerly from the restored state)."""
+    it was, also when capture fails (the pass then runs eagerly from the restored state, on the caller's stream)."""
     from cdl_lightning.nn import graphs
 
-    generator = _FakeGenerator()
+    generator, main, used, captured = _FakeGenerator(), _FakeStream(torch.device("cpu"), -1, 0), [], []
+    current = [main]
+
+    class _Capture(_FakeGraph):  # `torch.cuda.graph`: its stream current inside; left current if capture_end raises
+        def __init__(self, graph, stream=None) -> None:
+            super().__init__(stream)
+            captured.append(stream)
+
+        def __enter__(self) -> None:
+            self.previous, current[0] = current[0], self.stream
+
+        def __exit__(self, error_type, *args) -> None:
+            if error_type is None:
+                current[0] = self.previous
+
     monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device, -1, 0))
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "graph", _Capture)
     monkeypatch.setattr(torch.cuda, "get_rng_state", generator.get)
     monkeypatch.setattr(torch.cuda, "set_rng_state", generator.set)
     monkeypatch.setattr(graphs, "_held_streams", {})
@@ -438,6 +453,57 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
     assert generator.offset == 40  # and nothing of it stays drawn
     assert set(generator.devices) == {x.device}
     assert (entry is None) == capture_fails == (function.disabled_reason is not None) == bool(caught)
+    # the caller's stream waits for the warm-up, and after a capture for the capture stream's pre-capture work (torch
+    # 2.11 fills the generator's seed and offset tensors there, which a replay on the caller's stream refills and reads)
+    assert main.waited == [used[0]] * (1 if capture_fails else 2)
+    # a failed capture leaves the caller's stream current, and (torch 2.11) the generator out of capture mode: a
+    # trivial capture on the same stream runs the generator's capture epilogue that the failed one skipped
+    assert current[0] is main and captured == [used[0]] * (2 if capture_fails else 1)
+
+
+def test_a_failed_training_pass_capture_gives_the_stream_back_and_rearms_the_generator(monkeypatch):
+    """`torch.cuda.make_graphed_callables` failing inside a capture leaves that capture's stream current (and, torch
+    2.11, the default generator in capture mode): the caller's stream is made current again, and a trivial capture on
+    a free high-priority stream runs the generator's capture epilogue; the pass then runs eagerly."""
+    from cdl_lightning.nn import graphs
+
+    main, captured = _FakeStream(torch.device("cpu"), -1, 0), []
+    current = [main]
+
+    def make_graphed_callables(*args, **kwargs):
+        current[0] = _FakeStream(torch.device("cpu"), 0, 7)  # torch.cuda.graph left its capture stream current
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: captured.append(stream) or _FakeGraph(stream))
+    monkeypatch.setattr(graphs, "_held_streams", {})
+    cache = graphs._GraphedAutogradPass([], max_graphs=1, warmup=1)
+    with pytest.warns(UserWarning, match="capture of the training pass failed"):
+        assert cache._graph(lambda x: (x,), [torch.zeros(2)], "the training pass") is None
+    assert current[0] is main and len(captured) == 1 and captured[0].key[1] == 1
+    assert cache.disabled_reason == "RuntimeError: operation not permitted when stream is capturing"
+
+
+def test_data_module_pickles_and_copies_without_its_augmentation_graph():
+    """A data module that augmented CUDA batches holds a CUDA graph and a stream, neither picklable: ``ddp_spawn`` and
+    ``copy.deepcopy`` (a notebook) must still copy it; the copy captures its own graph at its first CUDA batches."""
+    import pickle
+    import threading
+
+    from cdl_lightning.data import ContinualDataModule
+    from cdl_lightning.data.synthetic import SyntheticShapes
+
+    data = ContinualDataModule(source=SyntheticShapes(num_classes=4, train_per_class=4, test_per_class=2), num_tasks=2,
+                               epochs_per_task=1, batch_size=4, eval_batch_size=4, image_size=32)
+    data._train_batch_graphs = GraphedFunction(data._train_batch, max_graphs=1)
+    data._train_batch_graphs.graphs["key"] = (threading.Lock(), ())  # stands for a captured graph: not picklable
+    for copied in (copy.deepcopy(data), pickle.loads(pickle.dumps(data))):
+        assert copied._train_batch_graphs is None and copied.cuda_graphs and copied.batch_size == 4
+    assert data._train_batch_graphs.graphs  # the original keeps its graph
 
 
 def _fake_cuda(monkeypatch) -> tuple[_FakeStream, list]:

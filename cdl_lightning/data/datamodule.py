@@ -87,10 +87,11 @@ class ContinualDataModule(LightningDataModule):
             results and resume; no worker processes, no host-to-device copies). ``None``: on when training on CUDA
             with a fixed-size source whose split takes at most a quarter of the GPU's memory. File sources never.
         cuda_graphs: Replay the device augmentation of a fixed-size source's full training batches (uint8 to float,
-            `RandomResizedCropFlip`: some 45 small kernels) from a CUDA graph, one launch instead of ~2 ms of host
-            work per batch. Bitwise the same batches: the graph draws from the device's default generator as the
-            eager kernels do (a resumed run restores that generator, `RNGStateCallback`). A smaller last batch runs
-            eagerly. Only on CUDA; ``False``: always eager.
+            `RandomResizedCropFlip`: a few dozen small kernels) from a CUDA graph, one launch per batch instead of
+            one per kernel (captured at the second full batch; the first runs eagerly). Bitwise the same batches: the
+            graph draws from the device's default generator as the eager kernels do (a resumed run restores that
+            generator, `RNGStateCallback`). A smaller last batch runs eagerly, and so does every batch after a
+            failed capture (with a warning). Only on CUDA; ``False``: always eager.
 
     Raises:
         ValueError: Class order not a permutation, classes not splittable into the tasks, bad sizes.
@@ -317,6 +318,11 @@ class ContinualDataModule(LightningDataModule):
 
     def _train_batch(self, images: Tensor) -> tuple[Tensor]:
         return (self.train_augment(_to_float(images)),)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled/deep-copied (``ddp_spawn``, a notebook's ``copy.deepcopy``) without the training batches' CUDA
+        graph: graphs and streams cannot be pickled; a copy captures its own at its first CUDA batches."""
+        return {**self.__dict__, "_train_batch_graphs": None}
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,8 +5,8 @@ kernels, and launching them takes longer than running them. A CUDA graph (``torc
 kernels once and replays them with one launch. That is only valid for passes whose kernels and memory addresses do not
 change between calls, which is what the frozen passes are: fixed weights (updated in place when a teacher switches
 task snapshot), no autograd, no host synchronisation, no randomness but draws from the device's default CUDA
-generator (a batch's augmentation: PyTorch registers that generator with every graph it captures, and a replay draws
-what the eager call it replaces would have drawn).
+generator (a batch's augmentation: PyTorch registers that generator with every graph it captures, in newer releases
+with every graph that draws from it, and a replay draws what the eager call it replaces would have drawn).
 
 `GraphedFunction` wraps such a pass: per input signature (shapes, dtypes, autocast and inference-mode state, plus the
 static keyword arguments such as the task) it captures a graph on first use and afterwards copies the inputs into the
@@ -228,6 +228,7 @@ class GraphedFunction(_GraphCache):
         inputs = tuple(t.clone() for t in tensors)
         device = inputs[0].device
         rng = torch.cuda.get_rng_state(device)
+        caller, capturing = torch.cuda.current_stream(device), False
         try:
             # this graph's own stream, for the capture too: cuBLAS keeps a workspace per stream and a graph replays
             # with the address it captured, so graphs captured on one shared stream (`torch.cuda.graph`'s default)
@@ -242,11 +243,17 @@ class GraphedFunction(_GraphCache):
                     self.fn(*inputs, **static)
             torch.cuda.current_stream(device).wait_stream(side)
             torch.cuda.set_rng_state(rng, device)
-            graph = torch.cuda.CUDAGraph()
+            graph, capturing = torch.cuda.CUDAGraph(), True
             with torch.cuda.graph(graph, stream=side), _capture_autocast():
                 outputs = self.fn(*inputs, **static)
             torch.cuda.set_rng_state(rng, device)
+            # torch 2.11 (``CUDAGraph::capture_begin`` -> ``CUDAGeneratorState::capture_prologue``) fills the default
+            # generator's seed and offset tensors, which every graph that draws reads, on the capture stream before
+            # capture: order those fills before any later replay's own (``replay_prologue``, on the replaying stream)
+            torch.cuda.current_stream(device).wait_stream(side)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
+            if capturing:
+                _recover_from_failed_capture(caller, side)
             torch.cuda.set_rng_state(rng, device)
             self._disable(err, "a gradient-free pass")
             return None
@@ -255,6 +262,26 @@ class GraphedFunction(_GraphCache):
         entry = _Graph(graph, inputs, outputs, side)
         hold_stream(side, entry)
         return entry
+
+
+def _recover_from_failed_capture(caller: torch.cuda.Stream, side: torch.cuda.Stream) -> None:
+    """Undo what a capture that failed inside (an invalidated capture: ``capture_end`` raises) leaves behind.
+
+    ``torch.cuda.graph`` exits its stream context only after ``capture_end`` returned, so the capture stream stays
+    current: the caller's is made current again. And in torch 2.11 ``CUDAGraph::capture_end`` raises before
+    ``CUDAGeneratorState::capture_epilogue``, so the default generator stays in capture mode, where every later draw
+    on the device (an eager augmentation, a replay of a graph that draws) raises "Offset increment outside graph
+    capture encountered unexpectedly": a trivial capture runs its prologue and epilogue again (a no-op in releases
+    that keep the capture state per capture)."""
+    if torch.cuda.current_stream(caller.device) != caller:
+        torch.cuda.set_stream(caller)
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+            torch.zeros(1, device=caller.device)
+    except Exception:  # nothing more to undo
+        pass
+    if torch.cuda.current_stream(caller.device) != caller:
+        torch.cuda.set_stream(caller)
 
 
 class _CloneGrad(torch.autograd.Function):
@@ -318,11 +345,13 @@ class _GraphedAutogradPass(_GraphCache):
         """``run`` captured forward and backward on copies of ``flat``; ``None`` (and eager from now on) if capture
         fails."""
         sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+        caller = torch.cuda.current_stream(flat[0].device)
         try:
             with _capture_autocast():
                 return torch.cuda.make_graphed_callables(run, sample, num_warmup_iters=self.warmup,
                                                          allow_unused_input=True)
         except Exception as err:
+            _recover_from_failed_capture(caller, private_stream(caller.device))
             self._disable(err, what)
             return None
 

@@ -267,8 +267,9 @@ def test_augmentation_graph_draws_what_eager_draws():
         assert g.shape == e.shape == (16 if i < 7 else 5, 3, 32, 32)
         assert_bitwise(g, e, f"training batch {i}")
     assert torch.equal(graphed_rng, eager_rng)
-    assert not torch.equal(graphed_out[0], graphed_out[1])  # new draws per batch, not one replayed crop
     state = torch.cuda.get_rng_state()
     first = graphed.preprocess(images[0], train=True)
+    assert not torch.equal(graphed.preprocess(images[0], train=True), first)  # new draws per replay, not one crop
     torch.cuda.set_rng_state(state)
     assert_bitwise(graphed.preprocess(images[0], train=True), first, "a batch after restoring the generator")
+    assert graphed._train_batch_graphs.captures == 1  # all of it replayed from the one graph
