@@ -132,11 +132,15 @@ def _timer_class() -> type:
             self.device: Any = None
             self.sampler: GpuSampler | None = None
 
-        def switch(self, phase: str | None) -> None:
+        def sync(self) -> None:
+            """Wait for the GPU work launched so far (on CUDA)."""
             if self.cuda:
                 import torch
 
                 torch.cuda.synchronize(self.device)
+
+        def switch(self, phase: str | None) -> None:
+            self.sync()
             now = time.time()
             self.seconds[self.phase] += now - self.last
             if self.phase == "train" and self.steady_since is not None:  # in the epoch's steady part
@@ -181,10 +185,7 @@ def _timer_class() -> type:
             if self.first_batch_done is None:
                 self.first_batch_done = time.time()
             if batch_idx + 1 == STEADY_AFTER:  # the steady part of this epoch starts when this batch's work is done
-                if self.cuda:
-                    import torch
-
-                    torch.cuda.synchronize(self.device)
+                self.sync()
                 self.steady_since = time.time()
             elif self.steady_since is not None:
                 self.steady_images += int(batch[0].shape[0])
@@ -384,16 +385,19 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
     images = result["train_images"] * world  # every rank trains its shard of the same number of batches
     result["world_size"] = world
     result["train_images_all_ranks"] = images  # (``train_images`` is rank 0's count)
-    result["train_img_per_s"] = round(images / train_s, 1) if train_s > 0 else None
+    def rate(n: int, s: float) -> float | None:
+        return round(n / s, 1) if s > 0 else None
+
+    def of_step_rate(img_per_s: float | None) -> float | None:
+        return round(img_per_s / (step_rate * world), 3) if step_rate and img_per_s else None
+
+    result["train_img_per_s"] = rate(images, train_s)
     result["step_img_per_s"] = round(step_rate, 1) if step_rate else None
-    result["fraction_of_step_rate"] = (round(result["train_img_per_s"] / (step_rate * world), 3)
-                                       if step_rate and result["train_img_per_s"] else None)
-    result["whole_run_img_per_s"] = round(images / wall, 1) if wall > 0 else None
+    result["fraction_of_step_rate"] = of_step_rate(result["train_img_per_s"])
+    result["whole_run_img_per_s"] = rate(images, wall)
     steady = result["steady"]
-    steady["img_per_s"] = (round(steady["images"] * world / steady["seconds"], 1) if steady["seconds"] > 0
-                           else None)
-    steady["fraction_of_step_rate"] = (round(steady["img_per_s"] / (step_rate * world), 3)
-                                       if step_rate and steady["img_per_s"] else None)
+    steady["img_per_s"] = rate(steady["images"] * world, steady["seconds"])
+    steady["fraction_of_step_rate"] = of_step_rate(steady["img_per_s"])
     busy = result["gpu_busy"]
     print(f"\n{'phase':<11} {'seconds':>9} {'% of wall':>9} {'GPU busy':>9}")
     for phase in PHASES:

@@ -403,13 +403,23 @@ class _FakeGenerator:
         self.offset = int(state[0])
 
 
+def _fake_capture_device(monkeypatch, current: list) -> None:
+    """The CUDA calls of a capture on a fake device: the stream pool, ``current[0]`` as the current stream
+    (`torch.cuda.set_stream` replaces it), graph objects never built, and no stream held by a live graph."""
+    from cdl_lightning.nn import graphs
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(graphs, "_held_streams", {})
+
+
 @pytest.mark.parametrize("capture_fails", [False, True])
 def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fails):
     """A graphed function that draws random numbers (the data module's augmentation) must draw what the eager call
     it replaces would: the warm-up calls before capture, and the capture itself, leave the device's generator where
     it was, also when capture fails (the pass then runs eagerly from the restored state, on the caller's stream)."""
-    from cdl_lightning.nn import graphs
-
     generator, main, used, captured = _FakeGenerator(), _FakeStream(torch.device("cpu"), -1, 0), [], []
     current = [main]
 
@@ -425,15 +435,11 @@ def test_capture_undoes_the_draws_of_warm_up_and_capture(monkeypatch, capture_fa
             if error_type is None:
                 current[0] = self.previous
 
-    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    _fake_capture_device(monkeypatch, current)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: used.append(stream) or _FakeGraph(stream))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", _Capture)
     monkeypatch.setattr(torch.cuda, "get_rng_state", generator.get)
     monkeypatch.setattr(torch.cuda, "set_rng_state", generator.set)
-    monkeypatch.setattr(graphs, "_held_streams", {})
     calls = []
 
     def augment(x):
@@ -474,13 +480,9 @@ def test_a_failed_training_pass_capture_gives_the_stream_back_and_rearms_the_gen
         current[0] = _FakeStream(torch.device("cpu"), 0, 7)  # torch.cuda.graph left its capture stream current
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    _fake_capture_device(monkeypatch, current)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", make_graphed_callables)
-    monkeypatch.setattr(torch.cuda, "Stream", _FakePool())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: captured.append(stream) or _FakeGraph(stream))
-    monkeypatch.setattr(graphs, "_held_streams", {})
     cache = graphs._GraphedAutogradPass([], max_graphs=1, warmup=1)
     with pytest.warns(UserWarning, match="capture of the training pass failed"):
         assert cache._graph(lambda x: (x,), [torch.zeros(2)], "the training pass") is None

@@ -302,7 +302,7 @@ class ContinualDataModule(LightningDataModule):
         Fixed-size sources: `RandomResizedCropFlip` when ``train`` else `EvalResize` (skipped when the size already
         matches in ``"resize"`` mode). File sources arrive cropped by the CPU transforms: dtype conversion only.
         """
-        if train and self.source.fixed_size and self._graphable(images):
+        if train and self._graphable(images):
             if self._train_batch_graphs is None:
                 self._train_batch_graphs = GraphedFunction(self._train_batch, max_graphs=1)
             with torch.no_grad():
@@ -313,8 +313,9 @@ class ContinualDataModule(LightningDataModule):
         return self.train_augment(x) if train else self.eval_resize(x)
 
     def _graphable(self, images: Tensor) -> bool:
-        """Whether a training batch is augmented from a CUDA graph (``cuda_graphs``, on CUDA, a full batch)."""
-        return self.cuda_graphs and images.is_cuda and images.shape[0] == self.batch_size
+        """Whether a training batch is augmented from a CUDA graph (``cuda_graphs``, a fixed-size source, on CUDA, a
+        full batch)."""
+        return self.cuda_graphs and self.source.fixed_size and images.is_cuda and images.shape[0] == self.batch_size
 
     def _train_batch(self, images: Tensor) -> tuple[Tensor]:
         return (self.train_augment(_to_float(images)),)

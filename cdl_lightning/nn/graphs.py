@@ -235,13 +235,13 @@ class GraphedFunction(_GraphCache):
             # share a workspace: replayed concurrently (`FastPaths.aside`) they corrupted each other's results, and
             # destroying one (an evicted or re-captured graph) frees the workspace the others use (`private_stream`)
             side = private_stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+            side.wait_stream(caller)
             # the warm-up calls must not consume random numbers of the run: the generator is put back before capture
             # (in place: the graph reads its seed and offset at every replay) and after it (capture draws nothing)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*inputs, **static)
-            torch.cuda.current_stream(device).wait_stream(side)
+            caller.wait_stream(side)
             torch.cuda.set_rng_state(rng, device)
             graph, capturing = torch.cuda.CUDAGraph(), True
             with torch.cuda.graph(graph, stream=side), _capture_autocast():
@@ -250,7 +250,7 @@ class GraphedFunction(_GraphCache):
             # torch 2.11 (``CUDAGraph::capture_begin`` -> ``CUDAGeneratorState::capture_prologue``) fills the default
             # generator's seed and offset tensors, which every graph that draws reads, on the capture stream before
             # capture: order those fills before any later replay's own (``replay_prologue``, on the replaying stream)
-            torch.cuda.current_stream(device).wait_stream(side)
+            caller.wait_stream(side)
         except Exception as err:  # an operation that cannot be captured: run this pass eagerly from now on
             if capturing:
                 _recover_from_failed_capture(caller, side)
