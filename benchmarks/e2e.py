@@ -128,6 +128,7 @@ def _timer_class() -> type:
             self.steady_images = 0
             self.steady_since: float | None = None
             self.first_batch_done: float | None = None
+            self.checkpoints = 0  # `trainer.save_checkpoint` calls
             self.cuda = False
             self.device: Any = None
             self.sampler: GpuSampler | None = None
@@ -161,6 +162,7 @@ def _timer_class() -> type:
             def timed_save(*args: Any, **kwargs: Any) -> Any:
                 previous = self.phase
                 self.switch("checkpoint")
+                self.checkpoints += 1
                 try:
                     return save(*args, **kwargs)
                 finally:
@@ -207,7 +209,8 @@ def _timer_class() -> type:
             return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                     "wall": round(self.last - self.start, 3), "train_images": self.train_images,
                     "train_batches": self.train_batches, "gpu_busy": busy,
-                    "steady": {"seconds": round(self.steady_seconds, 3), "images": self.steady_images}}
+                    "steady": {"seconds": round(self.steady_seconds, 3), "images": self.steady_images},
+                    "checkpoints": {"saves": self.checkpoints}}
 
     return PhaseTimer
 
@@ -405,6 +408,11 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
         gpu = f"{busy[phase]:.0f}%" if phase in busy else "-"
         print(f"{phase:<11} {seconds[phase]:>9.2f} {share:>8.1f}% {gpu:>9}")
     print(f"{'wall':<11} {wall:>9.2f}")
+    saves = result["checkpoints"]
+    if saves["saves"]:
+        size = f", the last {saves['last_mb']} MB" if "last_mb" in saves else ""
+        print(f"checkpoints: {saves['saves']} saves in {seconds['checkpoint']:.2f} s = "
+              f"{seconds['checkpoint'] / saves['saves']:.3f} s each{size}")
     fraction = result["fraction_of_step_rate"]
     step = f", step rate {step_rate:.0f} img/s per GPU -> fraction {fraction:.2f}" if fraction else ""
     print(f"train: {images} images on {world} process(es) in {train_s:.2f} s = {result['train_img_per_s']} "
@@ -498,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         result["gpu"] = torch.cuda.get_device_name(trainer.strategy.root_device)
     if profiler is not None and profiler.summary:
         result["profile"] = profiler.summary
+    last = Path(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
+    if last.is_file():
+        result["checkpoints"]["last_mb"] = round(last.stat().st_size / 1e6, 2)
     result = report(result, step_rate, trainer.world_size)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -43,6 +43,9 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     assert result["wall"] >= outer_wall - 5.0
     assert seconds["startup"] > 0 and seconds["train"] > 0 and seconds["validation"] > 0
     assert seconds["checkpoint"] > 0  # last.ckpt is written every epoch
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert result["checkpoints"] == {"saves": 2, "last_mb": round(last.stat().st_size / 1e6, 2)}  # 2 tasks x 1 epoch
+    assert f"checkpoints: 2 saves in {seconds['checkpoint']:.2f} s" in run.stdout
     # every training image of the 2 tasks went through exactly one step, in batches of 16
     assert result["train_images"] == sum(per_task)
     assert result["train_batches"] == sum(math.ceil(n / 16) for n in per_task)

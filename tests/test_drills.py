@@ -22,6 +22,7 @@ import torch
 from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 
 from cdl_lightning.cli import cli_main
+from cdl_lightning.models import checkpoint_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS_PER_TASK = 3, 3
@@ -68,7 +69,7 @@ def metrics(save_dir: Path) -> dict:
 def final_state(save_dir: Path) -> dict:
     """The trainable state and per-task snapshots of a run's last checkpoint."""
     state = torch.load(save_dir / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    return {"weights": state["state_dict"], "snapshots": state["cdl"]["task_snapshots"]}
+    return {"weights": state["state_dict"], "snapshots": checkpoint_snapshots(state["cdl"])}
 
 
 def assert_same_run(save_dir: Path, uninterrupted: dict) -> None:

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cdl_lightning.callbacks import ContinualEvaluation
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
-from cdl_lightning.models import Distiller, PromptLearner, TeacherRun
+from cdl_lightning.models import Distiller, PromptLearner, TeacherRun, checkpoint_snapshots
 from cdl_lightning.nn import (
     DKD,
     KDP,
@@ -192,7 +192,7 @@ def test_student_fit_with_every_method(teacher, tmp_path, method_cls):
     assert all(not out.logits.requires_grad for out in teacher_outputs)
     assert distiller.teacher is teacher_net and distiller.teacher_task == 1
     assert not any(p.requires_grad for p in teacher_net.parameters())
-    snapshot = teacher.checkpoint["cdl"]["task_snapshots"][1]
+    snapshot = checkpoint_snapshots(teacher.checkpoint["cdl"])[1]
     after = teacher_net.state_dict()
     for key, value in after.items():
         if key.startswith(("prompt.", "head.")):
@@ -248,10 +248,22 @@ def test_distiller_checkpoint_holds_student_only_and_restores(teacher, tmp_path)
 
 
 # =============================================================================================== teacher handling
+def test_teacher_checkpoint_with_the_older_plain_snapshot_list_is_read(teacher, tmp_path):
+    checkpoint = torch.load(teacher.last, map_location="cpu", weights_only=False)
+    packed = checkpoint["cdl"].pop("task_snapshot_rows")
+    checkpoint["cdl"]["task_snapshots"] = checkpoint_snapshots({"task_snapshot_rows": packed})
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    run, current = TeacherRun(str(old)), TeacherRun(str(teacher.last))
+    assert len(run.snapshots) == len(current.snapshots) == NUM_TASKS
+    for a, b in zip(run.snapshots, current.snapshots, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_teacher_switches_snapshot_at_task_boundary(teacher):
     data = make_data()
     distiller = Distiller(method=LogitKD(), teacher_checkpoint=teacher.last, **student_kwargs(data))
-    snapshots = teacher.checkpoint["cdl"]["task_snapshots"]
+    snapshots = checkpoint_snapshots(teacher.checkpoint["cdl"])
     assert distiller.teacher_task == 0
     assert torch.equal(distiller.teacher.head.weight, snapshots[0]["classifier.head.weight"])
     distiller.open_task(1)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import cdl_lightning.nn.kd as kd_module
 from cdl_lightning.callbacks import ContinualEvaluation
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
-from cdl_lightning.models import PromptLearner, quarter_cosine
+from cdl_lightning.models import PromptLearner, checkpoint_snapshots, quarter_cosine
 from cdl_lightning.nn import BackboneConfig, CodaPrompt
 
 CLASSES = 8  # 2 tasks x 4 classes
@@ -170,8 +170,13 @@ def test_fit_opens_each_task_once_and_snapshots_each_task(coda_run):
 
 def test_checkpoint_holds_the_snapshots(coda_run):
     checkpoint = torch.load(coda_run.last, map_location="cpu", weights_only=False)
-    snapshots = checkpoint["cdl"]["task_snapshots"]
+    snapshots = checkpoint_snapshots(checkpoint["cdl"])
     assert len(snapshots) == NUM_TASKS
+    # stored as the rows task 1 changed: CODA components 10..19 of every prompted layer (length 8 rows each)
+    packed = checkpoint["cdl"]["task_snapshot_rows"][1]["classifier.prompt.components"]
+    rows = torch.tensor([(layer * 20 + c) * 8 + i for layer in range(3) for c in range(10, 20) for i in range(8)])
+    assert torch.equal(packed["rows"], rows)
+    assert "task_snapshots" not in checkpoint["cdl"]
     for saved, live in zip(snapshots, coda_run.model.task_snapshots, strict=True):
         assert states_equal(saved, live)
     assert checkpoint["cdl"]["opened_task"] == 1
@@ -354,6 +359,20 @@ def test_checkpoint_restores_trainable_state_through_validate(coda_run, tmp_path
         assert states_equal(loaded, trained)
     # the reloaded model evaluates exactly as the trained one did after its last task
     torch.testing.assert_close(evaluation.matrix[1], coda_run.evaluation.matrix[1], rtol=0, atol=0)
+
+
+def test_checkpoint_with_the_older_plain_snapshot_list_still_loads(coda_run, tmp_path):
+    """Checkpoints written before snapshots were packed hold the full list under ``task_snapshots``."""
+    checkpoint = torch.load(coda_run.last, map_location="cpu", weights_only=False)
+    cdl = checkpoint["cdl"]
+    cdl["task_snapshots"] = checkpoint_snapshots({"task_snapshot_rows": cdl.pop("task_snapshot_rows")})
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    fresh = make_learner(make_data())
+    make_trainer(tmp_path).validate(fresh, make_data(), ckpt_path=str(old), verbose=False, weights_only=False)
+    assert len(fresh.task_snapshots) == NUM_TASKS
+    for loaded, trained in zip(fresh.task_snapshots, coda_run.model.task_snapshots, strict=True):
+        assert states_equal(loaded, trained)
 
 
 def test_checkpoint_loads_with_lightnings_default_weights_only(coda_run, tmp_path):

@@ -2,5 +2,6 @@
 
 from cdl_lightning.models.distiller import Distiller, TeacherRun
 from cdl_lightning.models.learner import PromptLearner, quarter_cosine
+from cdl_lightning.models.snapshots import checkpoint_snapshots
 
-__all__ = ["Distiller", "PromptLearner", "TeacherRun", "quarter_cosine"]
+__all__ = ["Distiller", "PromptLearner", "TeacherRun", "checkpoint_snapshots", "quarter_cosine"]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from cdl_lightning.models.learner import PromptLearner, checkpoint_task_schedule
+from cdl_lightning.models.snapshots import checkpoint_snapshots
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.kd import DistillationMethod, ModelShape, NoDistillation
 from cdl_lightning.nn.prompts.base import build_prompt_pool
@@ -48,7 +49,7 @@ class TeacherRun:
         cdl = checkpoint["cdl"]
         self.task_schedule: TaskSchedule = checkpoint_task_schedule(checkpoint)
         self.prompt_spec: dict[str, Any] | None = cdl["prompt_spec"]
-        self.snapshots: list[dict[str, Tensor]] = cdl["task_snapshots"]
+        self.snapshots: list[dict[str, Tensor]] = checkpoint_snapshots(cdl)
         self.backbone: BackboneConfig = as_backbone_config(self.hparams["backbone"])
         self.query_backbone: BackboneConfig | None = as_backbone_config(self.hparams.get("query_backbone"))
 

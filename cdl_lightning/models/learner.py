@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cdl_lightning.models.fast_paths import FastPaths
+from cdl_lightning.models.snapshots import PACKED_KEY, SnapshotPacker, checkpoint_snapshots
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedTrainingPass
 from cdl_lightning.nn.kd import DistillationMethod, NoDistillation
@@ -92,7 +93,8 @@ class PromptLearner(LightningModule):
     prompt pool opens it (CODA re-draws its slice), Adam's state is cleared and the per-task LR schedule restarts;
     training logits are cut to the seen classes with past-task columns at ``-inf``; evaluation uses all seen classes.
     At each task end the trainable state is snapshotted (a distiller's teacher reads these snapshots). Checkpoints
-    hold the trainable state, the snapshots and the backbone's identity, never the frozen weights.
+    hold the trainable state, the snapshots (each as the rows its task changed: `cdl_lightning.models.snapshots`) and
+    the backbone's identity, never the frozen weights.
 
     Args:
         backbone: identity of the frozen ViT (timm name, pretrained or local weights file, normalisation).
@@ -176,6 +178,7 @@ class PromptLearner(LightningModule):
         self.opened_task = -1
         self._labels_checked_task = -1
         self.task_snapshots: list[dict[str, Tensor]] = []
+        self._pack_snapshots = SnapshotPacker()  # checkpoints store each snapshot as the rows its task changed
         self.strict_loading = False  # checkpoints omit the frozen backbone
         # the speed paths (casting, compile, CUDA graphs) as one component; its flags are these arguments
         self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs,
@@ -421,7 +424,7 @@ class PromptLearner(LightningModule):
             del state[key]
         checkpoint["cdl"] = {
             "opened_task": self.opened_task,
-            "task_snapshots": self.task_snapshots,
+            PACKED_KEY: self._pack_snapshots(self.task_snapshots),  # rows changed per task (`models.snapshots`)
             "prompt_spec": self.prompt_spec,
             "task_schedule": self.task_schedule.to_dict(),
         }
@@ -436,7 +439,7 @@ class PromptLearner(LightningModule):
             raise ValueError(f"checkpoint task sizes {list(sizes)} differ from the model's "
                              f"{list(self.task_schedule.task_sizes)}")
         self.opened_task = cdl["opened_task"]
-        self.task_snapshots = cdl["task_snapshots"]
+        self.task_snapshots = checkpoint_snapshots(cdl)
         if self.opened_task >= 0 and self.classifier.prompt is not None:
             # restore the pool's notion of the open task without re-drawing (the weights come from the checkpoint)
             self.classifier.prompt.task = self.opened_task
