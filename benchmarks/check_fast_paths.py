@@ -12,6 +12,12 @@ plain eager run with fp32 frozen weights.
 Prints what it compared and exits 1 on a mismatch. ``--tiny`` runs part 1 with tiny ViTs (any device).
 ``--graph-prompts`` adds ``graph_prompts`` (off by default) to the fast paths; ``--no-concurrent-teacher`` leaves
 ``concurrent_teacher`` out.
+
+``--compile`` (opt-in, not bitwise): part 1 only, the fast paths with ``compile=True`` (the frozen ViT passes through
+``torch.compile``, the compiled gradient-free passes captured into the CUDA graphs; ``--no-cuda-graphs``: compiled,
+ungraphed) against the same eager run: prints the measured deviation (max |diff| and max |diff| / max |eager|) of the
+query, the teacher's logits, the training losses, the learned parameters and the eval logits. It asserts no bound on
+them; it exits 1 only if a graph runner fell back to eager (a failed capture, named) or, on CUDA, did not replay.
 """
 
 from __future__ import annotations
@@ -41,13 +47,27 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
     return diff <= 1e-3 * max(1.0, b.abs().max().item())
 
 
+def deviation(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Print how far ``a`` (compiled) is from ``b`` (eager): max |diff|, and relative to the largest |b|."""
+    a, b = a.float(), b.float()
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    print(f"  {name:<44} bitwise equal: {torch.equal(a, b)!s:<5}  max |diff| {diff:.3g}  "
+          f"max |diff| / max |eager| {diff / scale if scale else float('nan'):.3g}  (max |eager| {scale:.3g})")
+    return True  # a measurement, not a check
+
+
 def counters(model: PromptLearner) -> dict[str, tuple[int, int]]:
     """``{pass name: (captures, replays)}`` of a model's CUDA-graph runners."""
     return {name: (r.captures, r.replays) for name, r in model.graph_runners.items()}
 
 
-def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, torch.Tensor, dict]:
-    s = tp.Settings(s.device, s.tiny, 0, 0, False, cast_weights=fast, cuda_graphs=fast,
+def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, dict, dict]:
+    """``steps`` bf16 training steps, then eval logits, the query and the teacher's logits of the first batch; the
+    fast paths (with ``s.compile``: compiled) or the eager run with fp32 frozen weights. The query and the teacher's
+    logits only with ``s.compile`` (the default check leaves the graphs' counters as they were)."""
+    passes = s.compile
+    s = tp.Settings(s.device, s.tiny, 0, 0, fast and s.compile, cast_weights=fast, cuda_graphs=fast and s.cuda_graphs,
                     graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
@@ -69,24 +89,40 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     model.eval()
     with torch.no_grad(), torch.autocast(s.device.type, dtype=torch.bfloat16):
         logits = model(batches[0][0], task=0)
+        outputs = {"eval logits": logits}
+        if passes:  # the training step's passes on its first batch again (replayed, where graphed)
+            outputs["query (student's)"] = query = model.query(batches[0][0])
+            outputs["teacher logits"] = model.teacher_forward(batches[0][0], 0, query).logits
     runners = {**counters(model), "side streams": len(model.fast_paths.streams)}
-    return losses, model.trainable_state(), logits, runners
+    fell_back = {name: r.disabled_reason for name, r in model.graph_runners.items() if r.disabled_reason}
+    return losses, model.trainable_state(), outputs, {**runners, "fell back to eager": fell_back}
 
 
 def check_steps(steps: int, s: tp.Settings) -> bool:
-    print(f"# step check: B->S KDP distiller, {steps} bf16 training steps, then eval logits")
+    what = "compiled fast paths" + (" with CUDA graphs" if s.cuda_graphs else " without CUDA graphs")
+    print(f"# step check: B->S KDP distiller, {steps} bf16 training steps, then eval logits"
+          + (f"; {what} vs eager: measured deviation (not bitwise by design)" if s.compile else ""))
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = tp.write_teacher_checkpoint("B", "S", "own", directory, s)
-        base_losses, base_state, base_logits, _ = step_run(False, checkpoint, steps, s)
-        fast_losses, fast_state, fast_logits, runners = step_run(True, checkpoint, steps, s)
+        base_losses, base_state, base_out, _ = step_run(False, checkpoint, steps, s)
+        fast_losses, fast_state, fast_out, runners = step_run(True, checkpoint, steps, s)
+    fell_back = runners.pop("fell back to eager")
     print(f"  graph runners (captures, replays): {runners}")
-    ok = compare("training losses", torch.tensor(fast_losses), torch.tensor(base_losses))
+    check = deviation if s.compile else compare
+    ok = check("training losses", torch.tensor(fast_losses), torch.tensor(base_losses))
     for name, value in base_state.items():
-        ok &= compare(f"learned {name}", fast_state[name], value)
-    ok &= compare("eval logits", fast_logits, base_logits)
-    if s.device.type == "cuda":
+        ok &= check(f"learned {name}", fast_state[name], value)
+    for name in ("eval logits", *(("query (student's)", "teacher logits") if s.compile else ())):
+        ok &= check(name, fast_out[name], base_out[name])
+    if fell_back:
+        print(f"  GRAPH CAPTURE FAILED, these passes ran eagerly: {fell_back}")
+        ok = False
+    if s.device.type == "cuda" and s.cuda_graphs:
         expected = ("teacher", "query", "train", *(("prompt",) if s.graph_prompts else ()))
-        ok &= all(runners.get(name, (0, 0))[1] > 0 for name in expected)
+        replayed = all(runners.get(name, (0, 0))[1] > 0 for name in expected)
+        if not replayed:
+            print(f"  NOT REPLAYED from CUDA graphs: {[n for n in expected if runners.get(n, (0, 0))[1] == 0]}")
+        ok &= replayed
         ok &= runners["side streams"] == int(s.concurrent_teacher)
     return ok
 
@@ -145,12 +181,22 @@ def main(argv: list[str] | None = None) -> int:
                         "prompt pool's training pass from CUDA graphs; off by default)")
     parser.add_argument("--no-concurrent-teacher", action="store_true", help="the fast paths without "
                         "concurrent_teacher (the teacher's pass on a second CUDA stream)")
+    parser.add_argument("--compile", action="store_true", help="opt-in, not bitwise: the fast paths with compile=True "
+                        "(the compiled gradient-free passes captured into the CUDA graphs); prints the measured "
+                        "deviation from eager instead of checking equality; the step check only")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile: compiled, without CUDA graphs")
     args = parser.parse_args(argv)
+    if args.no_cuda_graphs and not args.compile:
+        parser.error("--no-cuda-graphs goes with --compile (without it there is no fast path left to check)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    s = tp.Settings(device, args.tiny, 0, 0, False, graph_prompts=args.graph_prompts,
-                    concurrent_teacher=not args.no_concurrent_teacher)
+    s = tp.Settings(device, args.tiny, 0, 0, args.compile, cuda_graphs=not args.no_cuda_graphs,
+                    graph_prompts=args.graph_prompts, concurrent_teacher=not args.no_concurrent_teacher)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
+    if args.compile:
+        print("(--compile: no fit check; the deviations above are measurements, nothing is asserted on them)")
+        print("OK: the compiled passes ran as asked" if ok else "FAILED: see above (fallback to eager / no replay)")
+        return 0 if ok else 1
     if device.type == "cuda":
         ok &= check_fit(s)
     print("OK: the fast paths match the eager fp32-weight run" if ok else "MISMATCH")

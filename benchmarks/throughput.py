@@ -12,7 +12,10 @@ one fixed random ``[0, 1]`` batch with task-0 labels (no data loading); ``--warm
 timed with CUDA events. bf16 = under ``torch.autocast``, frozen Linear/Conv weights stored in bf16 as a bf16-mixed
 trainer does (``cast_frozen_weights``; ``--fp32-frozen-weights`` keeps them fp32); fp32 = no autocast, default matmul
 precision (printed). The gradient-free passes run from CUDA graphs as in training (``cuda_graphs``; off with
-``--no-cuda-graphs``).
+``--no-cuda-graphs``). ``--compile``: ``compile=True``, the frozen ViT passes through ``torch.compile`` (inductor),
+compiled in the warm-up steps; with CUDA graphs (the default) the compiled gradient-free passes are captured into them,
+with ``--no-cuda-graphs`` they run compiled, ungraphed. Not bitwise equal to eager (``check_fast_paths.py --compile``
+measures the deviation). A pass whose capture failed runs eagerly: its row then says so (``graphs fell back``).
 Peak memory: ``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
 ``--query reference``: teacher-side models take their student architecture's query as in the CDL reference (B -> S,
 L -> B), shared by teacher and student in ``train-distill``. ``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths
@@ -80,6 +83,7 @@ class Result:
     peak_gib: float | None = None
     reference_fp32: str | None = None
     error: str | None = None
+    graphs_fell_back: str | None = None  # the graph runners whose capture failed (they ran eagerly), with the reason
 
 
 def backbone(arch: str, s: Settings) -> BackboneConfig:
@@ -108,7 +112,11 @@ def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
-        model.fast_paths.compile = True  # as `compile: true` in a config: every ViT pass compiled, CUDA graphs off
+        # as `compile: true` in a config: every frozen ViT pass compiled; with `cuda_graphs` the gradient-free ones are
+        # then captured (the training pass stays uncompiled where graphed). The previous models' compiled code goes:
+        # dynamo keeps a few entries per code object (`Module._call_impl` is one for every ViT), then runs eagerly
+        torch._dynamo.reset()
+        model.fast_paths.compile = True
         model.configure_model()
     return model
 
@@ -166,8 +174,10 @@ def time_ms(step: Step, s: Settings, latency: bool = False) -> float:
     return begin.elapsed_time(end) / s.steps
 
 
-def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency: bool = False) -> Result:
-    """Time the step ``make_step()`` builds after a memory reset; record timing, peak memory or the error."""
+def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency: bool = False,
+            model: PromptLearner | None = None) -> Result:
+    """Time the step ``make_step()`` builds after a memory reset; record timing, peak memory or the error, and which
+    of ``model``'s graph runners fell back to eager after a failed capture."""
     gc.collect()
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -180,6 +190,9 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
     except Exception as err:  # one failing case (e.g. out of memory) must not lose the others
         traceback.print_exc()
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    fell_back = {name: r.disabled_reason for name, r in (model.graph_runners if model else {}).items()
+                 if r.disabled_reason}
+    result.graphs_fell_back = "; ".join(f"{name}: {reason[:120]}" for name, reason in fell_back.items()) or None
     result.reference_fp32 = REFERENCE_FIGURES.get((result.case, result.model.split()[0], result.batch))
     print(json.dumps({"bench": "cdl-throughput", **asdict(result)}), flush=True)
     return result
@@ -228,12 +241,13 @@ def learner_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
                 if "train-learner" in args.cases:
                     batch = synthetic_batch(args.batch, s)
                     yield measure(Result("train-learner", label, precision, args.batch),
-                                  functools.partial(train_step, model, batch, precision, s), s)
+                                  functools.partial(train_step, model, batch, precision, s), s, model=model)
                 if "infer" in args.cases:
                     for size in (args.batch, 1):
                         images = synthetic_batch(size, s)[0]
                         yield measure(Result("infer", label, precision, size),
-                                      functools.partial(infer_step, model, images, precision, s), s, size == 1)
+                                      functools.partial(infer_step, model, images, precision, s), s, size == 1,
+                                      model=model)
 
 
 def distill_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
@@ -251,7 +265,7 @@ def distill_cases(args: argparse.Namespace, s: Settings) -> Iterator[Result]:
                 batch = synthetic_batch(size, s)
                 for precision in args.precision:
                     yield measure(Result("train-distill", label, precision, size),
-                                  functools.partial(train_step, model, batch, precision, s), s)
+                                  functools.partial(train_step, model, batch, precision, s), s, model=model)
 
 
 def print_environment(s: Settings, args: argparse.Namespace) -> None:
@@ -271,7 +285,8 @@ def print_table(results: list[Result]) -> None:
     head = ("case", "model", "prec", "batch", "img/s", "ms/step", "peak GiB")
     rows = [(r.case, r.model, r.precision, str(r.batch), f"{r.img_per_s:.1f}" if r.img_per_s else "-",
              f"{r.ms_per_step:.2f}" if r.ms_per_step else "-", f"{r.peak_gib:.2f}" if r.peak_gib else "-",
-             f"ERROR {r.error}" if r.error else (r.reference_fp32 or "")) for r in results]
+             f"ERROR {r.error}" if r.error else f"GRAPHS FELL BACK TO EAGER ({r.graphs_fell_back})"
+             if r.graphs_fell_back else (r.reference_fp32 or "")) for r in results]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     print("\n" + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
           + " | reference figure (fp32, quoted from the issue: the reference code on one H100, NOT measured here)")
@@ -293,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the own backbone (library default); reference: from the student's architecture (CDL code)")
     parser.add_argument("--warmup", type=int, help="untimed steps per case (default 10, tiny 1)")
     parser.add_argument("--steps", type=int, help="timed steps per case (default 30, tiny 2)")
-    parser.add_argument("--compile", action="store_true", help="compile=True: torch.compile every ViT pass (prompted "
-                        "forward and query pass, the teacher's too) instead of CUDA graphs")
+    parser.add_argument("--compile", action="store_true", help="compile=True: torch.compile every frozen ViT pass "
+                        "(prompted forward and query pass, the teacher's too); the gradient-free ones are then "
+                        "captured into the CUDA graphs (with --no-cuda-graphs: compiled, ungraphed). Not bitwise")
     parser.add_argument("--fp32-frozen-weights", action="store_true", help="bf16 cases: keep the frozen weights in "
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "

@@ -116,7 +116,7 @@ def test_clone_grad_gives_a_fresh_gradient_tensor():
     assert torch.equal(x.grad, buffer) and x.grad.data_ptr() != buffer.data_ptr()
 
 
-def test_cuda_graphs_default_on_and_compile_replaces_them(tiny_vit_config):
+def test_cuda_graphs_default_on_and_compile_combines_with_them(tiny_vit_config):
     from cdl_lightning.models import PromptLearner
 
     def learner(**kwargs):
@@ -124,7 +124,8 @@ def test_cuda_graphs_default_on_and_compile_replaces_them(tiny_vit_config):
 
     assert learner().uses_cuda_graphs
     assert not learner(cuda_graphs=False).uses_cuda_graphs
-    assert not learner(compile=True).uses_cuda_graphs
+    assert learner(compile=True).uses_cuda_graphs  # the compiled gradient-free passes are captured
+    assert not learner(compile=True, cuda_graphs=False).uses_cuda_graphs  # compiled, no graphs
     model = learner(cuda_graphs=False)
     with torch.no_grad():
         fn = lambda images: (images,)  # noqa: E731
@@ -624,3 +625,156 @@ def test_graphed_autograd_passes_run_a_partial_batch_eagerly():
             assert runner.usable(batch(128)) and not runner.usable(batch(64))  # a larger batch becomes the full one
             with torch.no_grad():
                 assert not runner.usable(batch(128))  # autograd off: eager, as before
+
+
+def test_compile_with_cuda_graphs_graphs_the_compiled_passes_and_the_plain_training_pass(tiny_vit_config):
+    """``compile`` and ``cuda_graphs`` together: the gradient-free passes are still `GraphedFunction`s (which capture
+    whatever the compiled ViT runs); the graphed training pass runs the ViT's plain forward, never the compiled call.
+    ``compile`` without ``cuda_graphs``: no wrappers, as before."""
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.models.fast_paths import PlainForward
+
+    model = PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], compile=True)
+    model.configure_model()  # compile_: lazy, nothing compiles before a call
+    vit = model.classifier.backbone
+    compiled_calls = []
+    vit._compiled_call_impl = lambda *args, **kwargs: compiled_calls.append(args) or vit.forward(*args, **kwargs)
+    paths = model.fast_paths
+    fn = lambda images: (images,)  # noqa: E731
+    assert isinstance(model.graphed("x", fn, [vit]), GraphedFunction)
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        runner = paths.training_pass(vit, on_cuda=True)
+    assert isinstance(runner, GraphedTrainingPass) and isinstance(runner.vit, PlainForward) and runner.vit.vit is vit
+    assert [id(p) for p in runner.vit.parameters()] == [id(p) for p in vit.parameters()]  # the storage check's
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pk, pv = (torch.randn(1, 4, vit.embed_dim, requires_grad=True) for _ in range(2))
+    out = runner(images, {1: (pk, pv)}, return_blocks=True)  # CPU: the pass runs eagerly, through the plain forward
+    assert compiled_calls == []
+    expected = vit(images, {1: (pk, pv)}, return_blocks=True)
+    assert len(compiled_calls) == 1  # the module's own call goes through the compiled one
+    assert torch.equal(out.tokens, expected.tokens) and len(out.blocks) == vit.depth
+    # compile alone: every pass compiled, none graphed
+    alone = PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], compile=True, cuda_graphs=False).fast_paths
+    assert alone.graphed("x", fn, [vit]) is fn
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        assert alone.training_pass(vit, on_cuda=True) is None
+    # graphs without compile: the training pass graphs the ViT itself
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        assert PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2]).fast_paths.training_pass(vit, True).vit is vit
+
+
+class _FakeCUDAGraph:
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+def _fake_graphed_calls(monkeypatch, in_capture: list) -> None:
+    """`GraphedFunction`'s whole call path on CPU tensors: usable, captured on a fake device (``in_capture`` gets
+    ``True`` / ``False`` as the fake capture starts and ends), replayed by a fake graph (the capture's outputs)."""
+    current = [_FakeStream(torch.device("cpu"), -1, 0)]
+
+    class _Capture(_FakeGraph):
+        def __enter__(self) -> None:
+            in_capture.append(True)
+
+        def __exit__(self, *args) -> None:
+            in_capture.append(False)
+
+    _fake_capture_device(monkeypatch, current)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeCUDAGraph)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _FakeGraph(stream))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: _Capture(stream))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: None)
+    monkeypatch.setattr(GraphedFunction, "usable", lambda self, tensors: not torch.is_grad_enabled())
+
+
+def test_a_compiled_graphed_function_compiles_before_capture_never_under_it(monkeypatch):
+    """``torch.compile`` guards on the autocast state, its cast-cache flag included, which capture turns off
+    (`_capture_autocast`): the eager call before a signature's capture and the warm-up calls run under that state, so
+    the compiled code they leave is what the capture runs, and a new input shape recompiles in its eager first call
+    (torch 2.14.1 refuses to compile under capture; older releases would compile there). Counted with dynamo's
+    compile counter on the fake device."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+
+    @torch.compile(backend=counter)
+    def layer(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.nn.functional.gelu(torch.nn.functional.layer_norm(x @ weight, (8,))),)
+
+    in_capture: list[bool] = []
+    compiles_at: list[tuple[bool, int]] = []
+    _fake_graphed_calls(monkeypatch, in_capture)
+    original = layer
+
+    def recorded(x: torch.Tensor) -> tuple[torch.Tensor]:
+        before = counter.frame_count
+        out = original(x)
+        compiles_at.append((bool(in_capture and in_capture[-1]), counter.frame_count - before))
+        return out
+
+    graphed = GraphedFunction(recorded, warmup=2)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = [graphed(x)[0] for _ in range(3)]  # eager (compiles), capture (warm-up x2, capture) + replay, replay
+        assert counter.frame_count == 1 and compiles_at == [(False, 1), (False, 0), (False, 0), (True, 0)]
+        graphed(x[:2])
+        graphed(x[:2])  # a new batch size: recompiled in its eager first call, then captured
+    assert compiles_at[4:] == [(False, 1), (False, 0), (False, 0), (True, 0)] and counter.frame_count == 2
+    assert graphed.captures == 2 and graphed.replays == 3 and graphed.disabled_reason is None
+    expected = torch.nn.functional.gelu(torch.nn.functional.layer_norm(x @ weight, (8,)))
+    assert all(torch.equal(out, expected) for out in outs)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # torch.compile (inductor): about a minute of compilation on 2 cores
+def test_compiled_learner_passes_through_graphed_functions_match_eager(monkeypatch, tiny_vit_config):
+    """A learner with ``compile`` and ``cuda_graphs``: its query and evaluation passes, inductor-compiled, go through
+    `GraphedFunction`s (a fake device on CPU: eager first call, warm-up, capture, replay) with no compilation under
+    capture, and give the eager learner's numbers within float rounding."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from cdl_lightning.models import PromptLearner
+    from cdl_lightning.nn import CodaPrompt
+
+    torch._dynamo.reset()
+    coda = functools.partial(CodaPrompt, pool_size=8, layers=(0, 1))
+    torch.manual_seed(0)
+    eager = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], cuda_graphs=False).eval()
+    torch.manual_seed(0)
+    model = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], compile=True).eval()
+    model.configure_model()
+    in_capture: list[bool] = []
+    _fake_graphed_calls(monkeypatch, in_capture)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graphs_at_capture = []  # (at its start, at its end) the graphs dynamo compiled so far, per capture
+
+    class Capture(_FakeGraph):
+        def __enter__(self) -> None:
+            graphs_at_capture.append(counters["stats"]["unique_graphs"])
+
+        def __exit__(self, *args) -> None:
+            graphs_at_capture[-1] = (graphs_at_capture[-1], counters["stats"]["unique_graphs"])
+
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: Capture(stream))
+    with torch.no_grad():
+        queries = [model.query(images) for _ in range(3)]
+        logits = [model(images, 1) for _ in range(3)]
+        expected_query, expected_logits = eager.query(images), eager(images, 1)
+    assert {name: (r.captures, r.replays, r.disabled_reason) for name, r in model.graph_runners.items()} == {
+        "query": (1, 2, None), "logits": (1, 2, None)}
+    assert len(graphs_at_capture) == 2 and all(start == end > 0 for start, end in graphs_at_capture)
+    assert graphs_at_capture[-1][1] == counters["stats"]["unique_graphs"]  # and nothing compiled after the captures
+    for query in queries:
+        torch.testing.assert_close(query, expected_query, rtol=1e-4, atol=1e-5)
+    for logit in logits:
+        torch.testing.assert_close(logit, expected_logits, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

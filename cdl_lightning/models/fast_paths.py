@@ -16,18 +16,29 @@ from torch import Tensor, nn
 from cdl_lightning.nn.graphs import GraphedFunction, GraphedPromptPass, GraphedTrainingPass, hold_stream, private_stream
 from cdl_lightning.nn.vit import PromptedViT
 
-__all__ = ["FastPaths", "MIXED_PRECISION_DTYPES"]
+__all__ = ["FastPaths", "MIXED_PRECISION_DTYPES", "PlainForward"]
 
 MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 """Trainer precisions under which frozen matmul weights are stored in the autocast dtype (``cast_frozen_weights``)."""
 
 
 class FastPaths:
-    """The speed paths of a prompt learner; none of them changes a number (``benchmarks/check_fast_paths.py``).
+    """The speed paths of a prompt learner; none but ``compile`` changes a number (``benchmarks/check_fast_paths.py``).
 
     Args:
-        compile: ``torch.compile`` every frozen ViT pass (prompted forward and query pass) in `compile_`, *instead of*
-            CUDA graphs (the compiled passes are not captured).
+        compile: ``torch.compile`` (inductor's default mode) the frozen ViTs' prompted forward and query pass in
+            `compile_`. Not bitwise equal to eager: inductor fuses kernels (LayerNorm with its dtype casts, residual
+            adds, GELU), so the numbers differ in their rounding (``benchmarks/check_fast_paths.py --compile``
+            measures by how much); off by default. Without ``cuda_graphs`` every ViT pass runs compiled. With
+            ``cuda_graphs`` (the default) the gradient-free passes (`graphed`: query passes, a distiller's teacher,
+            evaluation, prediction) run the compiled code and are captured into `GraphedFunction`'s graphs (not
+            inductor's own: no ``mode="reduce-overhead"``): a pass compiles in the eager calls before its capture,
+            which `GraphedFunction` runs under the capture's autocast state (``torch.compile`` guards on it,
+            its cast cache included), so nothing is compiled under capture; a capture that fails still falls back
+            to eager with a warning (``disabled_reason``). The prompted training pass, where `training_pass` graphs
+            it (CUDA, mixed precision), is captured from the ViT's plain forward and backward, not the compiled ones
+            (capturing a compiled autograd pass with `torch.cuda.make_graphed_callables` was not tried), also in the
+            eager calls around its graphs; where `training_pass` gives no graph (fp32, off CUDA) it runs compiled.
         cast_frozen_weights: `cast` stores the frozen ViTs' Linear/Conv weights in the autocast dtype of a mixed
             precision (autocast would re-cast them on every pass; bit-identical results).
         cuda_graphs: on CUDA, replay the frozen passes from CUDA graphs: the gradient-free ones through `graphed`
@@ -70,8 +81,8 @@ class FastPaths:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """``cuda_graphs`` is on and ``compile`` is off."""
-        return bool(self.cuda_graphs) and not self.compile
+        """``cuda_graphs`` is on (with ``compile`` too: the compiled gradient-free passes are then captured)."""
+        return bool(self.cuda_graphs)
 
     def graphed(self, name: str, fn: Callable, modules: Sequence[nn.Module]) -> Callable:
         """``fn`` (a gradient-free pass reading ``modules``) run from CUDA graphs when they are on (the wrapper runs
@@ -88,8 +99,10 @@ class FastPaths:
         (`tests/gpu`, H200). In fp32 they are not: after 4 steps of a ViT-B -> ViT-S KDP student on an H200 the
         learned prompt keys differed by up to 9e-10 with this pass graphed and the components by up to 3e-11 with it
         eager (losses bitwise equal; the remaining cause, in the gradient-free graphs, is not established). fp32 steps
-        are GPU-bound, so they run this pass eagerly, the smaller deviation."""
-        return self._training_runner("train", lambda: GraphedTrainingPass(vit), on_cuda)  # type: ignore[return-value]
+        are GPU-bound, so they run this pass eagerly, the smaller deviation. With ``compile`` the graphs capture the
+        ViT's plain (uncompiled) forward and backward (`PlainForward`)."""
+        make = lambda: GraphedTrainingPass(PlainForward(vit) if self.compile else vit)  # noqa: E731
+        return self._training_runner("train", make, on_cuda)  # type: ignore[return-value]
 
     def prompt_pass(self, pool: nn.Module | None, on_cuda: bool) -> GraphedPromptPass | None:
         """The graphed training pass of the prompt ``pool`` on CUDA under autocast when ``graph_prompts`` (and
@@ -162,7 +175,8 @@ class FastPaths:
             vit.cast_matmul_weights_(dtype)
 
     def compile_(self, vits: Sequence[PromptedViT]) -> None:
-        """``torch.compile`` the prompted forward and the query pass of ``vits`` (once) when ``compile`` is on."""
+        """``torch.compile`` the prompted forward and the query pass of ``vits`` (once) when ``compile`` is on.
+        Lazy: each pass compiles on its first call (with ``cuda_graphs``, before its capture)."""
         if not self.compile or self._compiled:
             return
         for vit in vits:
@@ -179,3 +193,16 @@ class FastPaths:
         return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
                 f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, side_stream={self.side_stream}, "
                 f"runners={sorted(self.runners)})")
+
+
+class PlainForward(nn.Module):
+    """A `PromptedViT` called through its plain ``forward``, past the compiled call that `FastPaths.compile_` installs
+    (``nn.Module.compile``): what `GraphedTrainingPass` captures with ``compile`` and ``cuda_graphs`` on. Its
+    parameters are the ViT's (for the graph's storage check); the ViT has no hooks that this would skip."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.vit.forward(*args, **kwargs)

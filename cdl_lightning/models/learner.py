@@ -114,10 +114,11 @@ class PromptLearner(LightningModule):
         weight_decay: Adam weight decay (reference 0).
         schedule: ``"cosine"`` = the reference's quarter cosine per task, or ``"constant"``.
         reference_lr_off_by_one: reproduce the reference's schedule off-by-one (epochs 0 and 1 share the first LR).
-        compile: ``torch.compile`` every ViT pass (prompted forward and query, teacher's too) when the trainer sets
-            up, *instead of* ``cuda_graphs`` (the two are not combined). Measured before CUDA graphs existed it took
-            the bf16 ViT-S learner step from 1,589 to 2,446 img/s on one H100; eager with ``cuda_graphs`` now runs it
-            at 4,055 img/s (``benchmarks/throughput.py``), so it is off by default. Costs a minute of compilation.
+        compile: ``torch.compile`` every frozen ViT pass (prompted forward and query, teacher's too) when the trainer
+            sets up (`FastPaths`). With ``cuda_graphs`` the compiled gradient-free passes are captured into the CUDA
+            graphs (the graphed training pass stays uncompiled); without, every pass runs compiled, ungraphed. Not
+            bitwise equal to eager (inductor fuses kernels; ``benchmarks/check_fast_paths.py --compile`` measures the
+            deviation), so off by default. Costs a minute or more of compilation.
         cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
             weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
             re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.
@@ -283,7 +284,7 @@ class PromptLearner(LightningModule):
     # ----------------------------------------------------------------------------------------------------- forward
     @property
     def uses_cuda_graphs(self) -> bool:
-        """``cuda_graphs`` is on and ``compile`` is off (the compiled passes are not captured)."""
+        """``cuda_graphs`` is on (with ``compile`` too: the compiled gradient-free passes are then captured)."""
         return self.fast_paths.uses_cuda_graphs
 
     @property

@@ -185,6 +185,9 @@ class GraphedFunction(_GraphCache):
             moved (e.g. after ``.to(device)``).
         max_graphs: graphs kept (least recently used first out); each holds its own memory pool.
         warmup: eager calls on a side stream before capture (lazy initialisation, cuBLAS workspaces, compilation).
+            They and the eager calls before a signature's capture run under the capture's autocast state (the
+            caller's, its cast cache off), so a ``torch.compile``d ``fn`` compiles (and recompiles, e.g. for a new
+            batch size) in them, never under capture.
         capture_after: a signature is captured on its ``capture_after``-th call (the earlier ones run eagerly).
     """
 
@@ -217,8 +220,11 @@ class GraphedFunction(_GraphCache):
         entry = self._lookup(signature, lambda: self._capture(tensors, static))
         if entry is None:  # before capture: eager, returned in the layout of a replay's clones (a view such as the
             # CLS token of an eager pass is strided; its clone is not), so that a graphed pass downstream keyed by its
-            # inputs' strides sees the same signature on every call
-            return tuple(out.clone() for out in self.fn(*tensors, **static))
+            # inputs' strides sees the same signature on every call; under the capture's autocast state (the same
+            # numbers: only trainable leaves' casts are cached), so that a `torch.compile`d ``fn`` compiles here, in
+            # the state its capture will run in (torch.compile guards on autocast's cache flag too)
+            with _capture_autocast():
+                return tuple(out.clone() for out in self.fn(*tensors, **static))
         for buffer, tensor in zip(entry.inputs, tensors, strict=True):
             buffer.copy_(tensor)
         entry.graph.replay()
@@ -237,8 +243,11 @@ class GraphedFunction(_GraphCache):
             side = private_stream(device)
             side.wait_stream(caller)
             # the warm-up calls must not consume random numbers of the run: the generator is put back before capture
-            # (in place: the graph reads its seed and offset at every replay) and after it (capture draws nothing)
-            with torch.cuda.stream(side):
+            # (in place: the graph reads its seed and offset at every replay) and after it (capture draws nothing).
+            # They run under the capture's autocast state: a `torch.compile`d ``fn`` whose guards held for them runs
+            # the same compiled code under capture (compiling there fails: "cannot JIT compile during CUDA graph
+            # capture" in torch 2.14.1)
+            with torch.cuda.stream(side), _capture_autocast():
                 for _ in range(self.warmup):
                     self.fn(*inputs, **static)
             caller.wait_stream(side)
