@@ -1,8 +1,9 @@
 """Failure drills through the real ``cdl fit`` (subprocesses, CPU, a tiny ViT on synthetic data).
 
 - a NaN loss stops the run with a clear message and a non-zero exit; nothing diverged is saved;
-- a divergence in task 2 leaves the last good checkpoint (end of the previous epoch) from which the run resumes to the
-  uninterrupted run's exact accuracy matrix, and ``metrics.json`` says ``diverged``;
+- a divergence in task 2 leaves the last good checkpoint (end of the previous epoch, Adam's state packed as its nonzero
+  rows) from which the run resumes to the uninterrupted run's exact accuracy matrix and weights, also when that
+  checkpoint is rewritten in the older plain format, and ``metrics.json`` says ``diverged``;
 - ``kill -9`` in the middle of task 2, epoch 2 of 3 loses at most that epoch (epoch checkpoints) or a step (step
   checkpoints), and the resumed run ends with the uninterrupted run's exact accuracy matrix.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from _cli_helpers import TINY_BACKBONE, as_args, cpu_run_options
 
 from cdl_lightning.cli import cli_main
 from cdl_lightning.models import checkpoint_snapshots
+from cdl_lightning.models.optimizer_state import unpack_optimizer_states
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS_PER_TASK = 3, 3
@@ -122,8 +125,21 @@ def test_divergence_keeps_the_last_good_checkpoint_and_resumes_exactly(tmp_path,
     state = torch.load(last, weights_only=False)
     assert state["epoch"] == 3 and state["global_step"] == 12
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    # mid-task: Adam's moments of task 2 matter for the rest of it, and are saved as their nonzero rows
+    assert state["cdl"]["optimizer_state_rows"] is True
+    adam = state["optimizer_states"][0]["state"]
+    assert any(isinstance(value, dict) for per_param in adam.values() for value in per_param.values())
     diverged = metrics(tmp_path)
     assert diverged["status"] == "diverged" and diverged["filled_rows"] == [0]
+    if not background:
+        # a checkpoint written before Adam's state was packed (plain `optimizer_states`, no mark) resumes as exactly
+        old = tmp_path / "old_format"
+        shutil.copytree(tmp_path / "run", old / "run")
+        state["optimizer_states"] = unpack_optimizer_states(state["optimizer_states"])
+        del state["cdl"]["optimizer_state_rows"]
+        torch.save(state, old / "run" / "checkpoints" / "last.ckpt")
+        cli_main(fit_args(old, "--ckpt_path", str(old / "run" / "checkpoints" / "last.ckpt")))
+        assert_same_run(old, uninterrupted)
     cli_main(fit_args(tmp_path, "--ckpt_path", str(last)))
     assert_same_run(tmp_path, uninterrupted)
 

@@ -228,9 +228,13 @@ def test_distiller_checkpoint_holds_student_only_and_restores(teacher, tmp_path)
     data = make_data(epochs_per_task=1)
     distiller = Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
     checkpoints = tmp_path / "checkpoints"
-    make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=checkpoints, save_last=True)]).fit(distiller, data)
+    trainer = make_trainer(tmp_path, 1, [ModelCheckpoint(dirpath=checkpoints, save_last=True)])
+    trainer.fit(distiller, data)
     checkpoint = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     state = checkpoint["state_dict"]
+    # the student's Adam state is packed as its nonzero rows (CODA components of task 1 among them)
+    assert checkpoint["cdl"]["optimizer_state_rows"] is True
+    assert any(isinstance(v, dict) for s in checkpoint["optimizer_states"][0]["state"].values() for v in s.values())
     assert set(state) == set(distiller.trainable_state())
     assert any(k.startswith("method.") for k in state)
     assert not [k for k in state if "teacher" in k or k.startswith("classifier.backbone.")]
@@ -238,6 +242,10 @@ def test_distiller_checkpoint_holds_student_only_and_restores(teacher, tmp_path)
     fresh = Distiller(method=KDP(), teacher_checkpoint=teacher.last, **student_kwargs(data))
     assert fresh.teacher_task == 0
     fresh.on_load_checkpoint(checkpoint)
+    live = trainer.optimizers[0].state_dict()["state"]  # no step after the last checkpoint: the saved state
+    unpacked = checkpoint["optimizer_states"][0]["state"]
+    assert unpacked.keys() == live.keys()
+    assert all(torch.equal(unpacked[i][k], v) for i, s in live.items() for k, v in s.items())
     fresh.load_state_dict(state, strict=False)
     assert fresh.teacher_task == 1 and fresh.opened_task == 1
     for name, value in distiller.trainable_state().items():

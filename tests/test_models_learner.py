@@ -19,6 +19,7 @@ import cdl_lightning.nn.kd as kd_module
 from cdl_lightning.callbacks import ContinualEvaluation
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
 from cdl_lightning.models import PromptLearner, checkpoint_snapshots, quarter_cosine
+from cdl_lightning.models.optimizer_state import unpack_optimizer_states
 from cdl_lightning.nn import BackboneConfig, CodaPrompt
 
 CLASSES = 8  # 2 tasks x 4 classes
@@ -184,6 +185,33 @@ def test_checkpoint_holds_the_snapshots(coda_run):
     assert checkpoint["cdl"]["task_schedule"]["class_order"] == list(range(CLASSES))
     assert checkpoint["hyper_parameters"]["task_schedule"] == checkpoint["cdl"]["task_schedule"]
     assert not {"task_sizes", "epochs_per_task", "class_names", "class_order"} & set(checkpoint["hyper_parameters"])
+
+
+def test_checkpoint_holds_adam_state_as_its_nonzero_rows(coda_run):
+    """Adam's moments are saved as the rows task 1 trained (`models.optimizer_state`), unpack bitwise to the live
+    state of the finished fit (no step after the last checkpoint), and saving left that live state plain."""
+    checkpoint = torch.load(coda_run.last, map_location="cpu", weights_only=True)
+    assert checkpoint["cdl"]["optimizer_state_rows"] is True
+    names = [name for name, p in coda_run.model.named_parameters() if p.requires_grad]
+    packed = checkpoint["optimizer_states"][0]["state"]
+    components = packed[names.index("classifier.prompt.components")]
+    rows = torch.tensor([(layer * 20 + c) * 8 + i for layer in range(3) for c in range(10, 20) for i in range(8)])
+    for moment in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(components[moment]["nonzero_rows"], rows)  # task 1's components 10..19, every layer
+        keys = packed[names.index("classifier.prompt.keys")][moment]
+        assert torch.equal(keys["nonzero_rows"], torch.tensor([layer * 20 + c for layer in range(3)
+                                                               for c in range(10, 20)]))
+    assert torch.is_tensor(packed[names.index("classifier.head.weight")]["exp_avg"])  # 2 KB: whole
+    live = coda_run.trainer.optimizers[0].state_dict()
+    assert all(torch.is_tensor(v) for per_param in live["state"].values() for v in per_param.values())
+    restored = unpack_optimizer_states(checkpoint["optimizer_states"])[0]
+    assert restored["param_groups"] == live["param_groups"] and restored["state"].keys() == live["state"].keys()
+    for index, per_param in live["state"].items():
+        assert restored["state"][index].keys() == per_param.keys()
+        for name, value in per_param.items():
+            mine = restored["state"][index][name]
+            assert mine.dtype == value.dtype and mine.shape == value.shape, name
+            assert torch.equal(mine.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), name
 
 
 def test_coda_slice_redrawn_at_task_start_and_old_slice_frozen(coda_run):
@@ -390,6 +418,8 @@ def test_checkpoint_hooks_restore_into_fresh_model(coda_run):
     fresh = make_learner(make_data(), seed=SEED + 1)
     assert not states_equal(fresh.trainable_state(), coda_run.final)
     fresh.on_load_checkpoint(checkpoint)
+    # the packed Adam state was unpacked in the dict, ready for Lightning's `restore_optimizers`
+    assert all(torch.is_tensor(v) for s in checkpoint["optimizer_states"][0]["state"].values() for v in s.values())
     result = fresh.load_state_dict(checkpoint["state_dict"], strict=False)
     assert not result.unexpected_keys
     assert all(k.startswith("classifier.backbone.") for k in result.missing_keys)

@@ -47,9 +47,12 @@ class RunCheckpoint(ModelCheckpoint):
         background: write in a background thread (see above). Not with ``save_top_k`` != 0 (Lightning deletes older
             numbered files from the main thread, possibly while one is being written). A ViT-B CODA teacher's
             ``last.ckpt`` grows with its tasks, by the rows each task changed (`cdl_lightning.models.snapshots`):
-            76.9 MB after the tenth (the trainable state, Adam's two moments, the first snapshot whole and nine row
-            deltas), written in 0.22 s per epoch on an H200 machine (0.32 s when every snapshot was stored whole;
-            `benchmarks/measured/2026-12-01_h200_packed_snapshots`). On one H200 a 10-task run's 10 checkpoints held
+            76.9 MB after the tenth while Adam's two moments were stored whole (the trainable state, the moments, the
+            first snapshot whole and nine row deltas), written in 0.22 s per epoch on an H200 machine (0.32 s when
+            every snapshot was stored whole; `benchmarks/measured/2026-12-01_h200_packed_snapshots`). Adam's moments
+            are now stored as their nonzero rows (`cdl_lightning.models.optimizer_state`): on a CPU a tenth-task
+            checkpoint of the same shapes (random weights) shrank from 75.0 to 46.8 MB, Adam's part from 31.3 to 3.1
+            MB (``benchmarks/checkpoint_size.py --task 9``). On one H200 a 10-task run's 10 checkpoints held
             training up for 3.67 s in place and 1.46 s in the background (plus about 1.25 s waiting for the last
             write at the end: its ``other`` phase grew from 0.43 s to 1.68 s), its training as fast
             (`benchmarks/measured/2026-12-01_h200_streams/call5`).

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from typing_extensions import override
 
+from cdl_lightning.models import optimizer_state
 from cdl_lightning.models.fast_paths import FastPaths
 from cdl_lightning.models.snapshots import PACKED_KEY, SnapshotPacker, checkpoint_snapshots
 from cdl_lightning.nn.classifier import ClassifierOutput, PromptedClassifier
@@ -93,8 +94,9 @@ class PromptLearner(LightningModule):
     prompt pool opens it (CODA re-draws its slice), Adam's state is cleared and the per-task LR schedule restarts;
     training logits are cut to the seen classes with past-task columns at ``-inf``; evaluation uses all seen classes.
     At each task end the trainable state is snapshotted (a distiller's teacher reads these snapshots). Checkpoints
-    hold the trainable state, the snapshots (each as the rows its task changed: `cdl_lightning.models.snapshots`) and
-    the backbone's identity, never the frozen weights.
+    hold the trainable state, the snapshots (each as the rows its task changed: `cdl_lightning.models.snapshots`),
+    Adam's state as its nonzero rows (`cdl_lightning.models.optimizer_state`) and the backbone's identity, never the
+    frozen weights.
 
     Args:
         backbone: identity of the frozen ViT (timm name, pretrained or local weights file, normalisation).
@@ -417,6 +419,15 @@ class PromptLearner(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -------------------------------------------------------------------------------------------------- checkpoints
+    # Lightning 2.6.6 (`trainer/connectors/checkpoint_connector.py`): `dump_checkpoint` puts `optimizer_states` into
+    # the dict (lines 461-467) before it calls this hook (line 510), and `Trainer.save_checkpoint` (called by
+    # `ModelCheckpoint._save_checkpoint`, `callbacks/model_checkpoint.py` 600) hands the dict to the strategy's
+    # checkpoint IO after the hook (`trainer.py` 1463-1464); `AsyncCheckpointIO` (`RunCheckpoint(background=True)`)
+    # clones every tensor of it on the caller's thread before queueing the write (`plugins/io/async_plugin.py` 63-67).
+    # On load, `restore_model` calls `on_load_checkpoint` (line 283, via `_restore_modules_and_callbacks`, `trainer.py`
+    # 1046/1066) before `restore_training_state` (`trainer.py` 1070) reaches `restore_optimizers`, whose
+    # `strategy.load_optimizer_state_dict` reads `checkpoint["optimizer_states"]` of the same dict (line 394;
+    # `strategies/strategy.py` 375): the states unpacked there are the ones restored.
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -429,6 +440,11 @@ class PromptLearner(LightningModule):
             "prompt_spec": self.prompt_spec,
             "task_schedule": self.task_schedule.to_dict(),
         }
+        if "optimizer_states" in checkpoint:  # absent from weights-only checkpoints
+            # Adam's moments as their nonzero rows (`models.optimizer_state`): new dicts, the live state is untouched;
+            # the packed values are copies (a background write's `AsyncCheckpointIO` clones every tensor anyway)
+            checkpoint["optimizer_states"] = optimizer_state.pack_optimizer_states(checkpoint["optimizer_states"])
+            checkpoint["cdl"][optimizer_state.PACKED_KEY] = True
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -439,6 +455,9 @@ class PromptLearner(LightningModule):
         if sizes != self.task_schedule.task_sizes:
             raise ValueError(f"checkpoint task sizes {list(sizes)} differ from the model's "
                              f"{list(self.task_schedule.task_sizes)}")
+        if cdl.get(optimizer_state.PACKED_KEY) and "optimizer_states" in checkpoint:
+            # in the dict Lightning restores the optimizers from next (see the comment above on_save_checkpoint)
+            checkpoint["optimizer_states"] = optimizer_state.unpack_optimizer_states(checkpoint["optimizer_states"])
         self.opened_task = cdl["opened_task"]
         self.task_snapshots = checkpoint_snapshots(cdl)
         if self.opened_task >= 0 and self.classifier.prompt is not None:
