@@ -1,6 +1,7 @@
 """benchmarks/e2e.py --tiny: the real `cdl fit` with the phase timer, on CPU, as CI runs it."""
 
 import gzip
+import importlib
 import json
 import math
 import os
@@ -71,3 +72,35 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     with gzip.open(tmp_path / "trace.json.gz", "rt") as trace:
         names = {event.get("name") for event in json.load(trace)["traceEvents"]}
     assert "Optimizer.step#Adam.step" in names  # the profiled window holds whole optimizer steps
+
+
+def test_projection_of_the_committed_packed_snapshot_runs(monkeypatch, capsys):
+    """benchmarks/projection.py on the committed H200 measurement: startup and validation once, the rest x 20/3."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    projection = importlib.import_module("projection")
+    measured = root / "benchmarks/measured/2026-12-01_h200_packed_snapshots/call1"
+    summary = projection.main([str(measured / "e2e_teacher_1gpu.json"), str(measured / "e2e_student_1gpu.json")])
+    teacher, student = summary["stages"]
+    assert teacher["wall"] == pytest.approx(16.176 + 10.239 + (70.38 + 6.631 + 0.62) * 20 / 3)
+    assert student["wall"] == pytest.approx(15.798 + 8.988 + (75.503 + 4.563 + 0.779) * 20 / 3)
+    assert summary["total_s"] == pytest.approx(teacher["wall"] + student["wall"])
+    assert round(summary["total_s"] / 60, 2) == 18.46
+    assert teacher["train_fraction"] == pytest.approx(70.38 * 20 / 3 / teacher["wall"])
+    assert "over the 15-minute goal" in capsys.readouterr().out
+    steady = projection.main([str(measured / "e2e_teacher_1gpu.json"), "--steady", "--goal-minutes", "10"])
+    assert steady["stages"][0]["train"] == pytest.approx(150000 / 2240.3 * 20 / 3)
+
+
+def test_projection_refuses_what_is_not_an_e2e_result(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    projection = importlib.import_module("projection")
+    other = tmp_path / "other.json"
+    other.write_text('{"bench": "cdl-throughput"}')
+    for argv, message in (([str(tmp_path / "missing.json")], "does not exist"),
+                          ([str(other)], "is not an e2e.py result"),
+                          ([str(other), "--epochs-per-task", "0"], "--epochs-per-task must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            projection.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
