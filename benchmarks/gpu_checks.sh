@@ -21,6 +21,14 @@
 #           bitwise (needs e2e1 first)
 #   ckpt1   the e2e1 teacher twice, with checkpoints written in place and in the background (--checkpoint.background)
 #   deploy  benchmarks/deploy.py --random vit_base/vit_small --device cuda (teacher vs student, checkpoint and .pt2)
+#   levers  the opt-in speed levers on the step: ops.py (single ops alone), throughput.py train-learner +
+#           train-distill b-s bf16 with the defaults and with --compile (compiled + graphed), then
+#           check_fast_paths.py --compile (the measured deviation from eager)
+#   e2e1c   e2e1 with --model.init_args.compile true (teacher, then the student taught by it), and its projection to
+#           the paper's 20 epochs per task (projection.py)
+#
+# e2e1 and e2e1c end with benchmarks/projection.py on their two runs (the paper-protocol projection,
+# OUT/projection*.log).
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
 # of numpy.random.default_rng(0).permutation(202): 50,000 train / 5,000 test images, 32 px upscaled to 224, 10 tasks x
@@ -68,6 +76,13 @@ e2e_one_gpu() {
   keep; tail -12 "$OUT/$name.log"
 }
 
+# project NAME TEACHER STUDENT: benchmarks/projection.py on OUT/TEACHER.json and OUT/STUDENT.json -> OUT/NAME.log
+project() {
+  note "projection to 20 epochs per task: $2 + $3"
+  python3 benchmarks/projection.py "$OUT/$2.json" "$OUT/$3.json" > "$OUT/$1.log" 2>&1
+  keep; grep -v '^{' "$OUT/$1.log"
+}
+
 nvidia-smi -L || true
 python3 -c 'import torch, lightning, timm; print("torch", torch.__version__, "lightning", lightning.__version__,
 "timm", timm.__version__, "gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))'
@@ -81,7 +96,28 @@ for part in $PARTS; do
     e2e1)
       e2e_one_gpu e2e_teacher_1gpu "ViT-B CODA teacher, 1 GPU" --model coda-b --out "$RUNS/gpu1"
       e2e_one_gpu e2e_student_1gpu "ViT-B -> ViT-S KDP student, 1 GPU" --model kdp-b-s --out "$RUNS/gpu1" \
-        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt" ;;
+        --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt"
+      project projection e2e_teacher_1gpu e2e_student_1gpu ;;
+    e2e1c)
+      e2e_one_gpu e2e_teacher_1gpu_compile "ViT-B CODA teacher, 1 GPU, compile" --model coda-b --out "$RUNS/compile" \
+        -- --model.init_args.compile true
+      e2e_one_gpu e2e_student_1gpu_compile "ViT-B -> ViT-S KDP student, 1 GPU, compile" --model kdp-b-s \
+        --out "$RUNS/compile" --teacher "$RUNS/compile/coda-b/checkpoints/last.ckpt" -- --model.init_args.compile true
+      project projection_compile e2e_teacher_1gpu_compile e2e_student_1gpu_compile ;;
+    levers)
+      note "ops.py (single ops alone on the GPU)"
+      python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1
+      keep; grep -v '^{' "$OUT/ops.log"
+      for flag in "" --compile; do
+        name=throughput_bf16${flag:+_${flag#--}}
+        note "throughput b-s bf16 ${flag:-(defaults)}"
+        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
+          > "$OUT/$name.log" 2>&1
+        keep; tail -6 "$OUT/$name.log"
+      done
+      note "check_fast_paths --compile (measured deviation from eager)"
+      python3 benchmarks/check_fast_paths.py --compile > "$OUT/check_fast_paths_compile.log" 2>&1
+      keep; tail -25 "$OUT/check_fast_paths_compile.log" ;;
     prof1)
       for model in coda-b kdp-b-s; do
         teacher=(); [ "$model" = kdp-b-s ] && teacher=(--teacher "$RUNS/prof1/coda-b/checkpoints/last.ckpt")
