@@ -18,6 +18,12 @@ Prints what it compared and exits 1 on a mismatch. ``--tiny`` runs part 1 with t
 ungraphed) against the same eager run: prints the measured deviation (max |diff| and max |diff| / max |eager|) of the
 query, the teacher's logits, the training losses, the learned parameters and the eval logits. It asserts no bound on
 them; it exits 1 only if a graph runner fell back to eager (a failed capture, named) or, on CUDA, did not replay.
+
+``--patch-embed-gemm`` (opt-in, not bitwise; combines with ``--compile``): the same measurement with the fast paths'
+``patch_embed_gemm=True`` (every frozen ViT's patch-embedding convolution run as reshape + one GEMM, the teacher's
+too) against the eager run with the convolution: the printed deviation is the GEMM's (the default fast paths are
+bitwise under bf16, as the default check shows). Nothing is asserted on it either. That the fast paths stay bitwise
+equal to an eager run that also uses the GEMM is ``tests/gpu/test_gpu_patch_embed_gemm.py``'s check.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def deviation(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Print how far ``a`` (compiled) is from ``b`` (eager): max |diff|, and relative to the largest |b|."""
+    """Print how far ``a`` (an opt-in fast path) is from ``b`` (eager): max |diff|, and relative to the largest |b|."""
     a, b = a.float(), b.float()
     diff = (a - b).abs().max().item() if a.numel() else 0.0
     scale = b.abs().max().item() if b.numel() else 0.0
@@ -64,11 +70,13 @@ def counters(model: PromptLearner) -> dict[str, tuple[int, int]]:
 
 def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[list[float], dict, dict, dict]:
     """``steps`` bf16 training steps, then eval logits, the query and the teacher's logits of the first batch; the
-    fast paths (with ``s.compile``: compiled) or the eager run with fp32 frozen weights. The query and the teacher's
-    logits only with ``s.compile`` (the default check leaves the graphs' counters as they were)."""
-    passes = s.compile
+    fast paths (with ``s.compile``: compiled; with ``s.patch_embed_gemm``: the patch embedding as a GEMM) or the eager
+    run with fp32 frozen weights and the convolution. The query and the teacher's logits only with ``s.compile`` or
+    ``s.patch_embed_gemm`` (the default check leaves the graphs' counters as they were)."""
+    passes = measuring(s)
     s = tp.Settings(s.device, s.tiny, 0, 0, fast and s.compile, cast_weights=fast, cuda_graphs=fast and s.cuda_graphs,
-                    graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher)
+                    graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher,
+                    patch_embed_gemm=fast and s.patch_embed_gemm)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
                       task_sizes=tp.TASK_SIZES, epochs_per_task=1)
@@ -98,21 +106,27 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     return losses, model.trainable_state(), outputs, {**runners, "fell back to eager": fell_back}
 
 
+def measuring(s: tp.Settings) -> bool:
+    """An opt-in path that is not bitwise is on (``compile``, ``patch_embed_gemm``): print deviations, check none."""
+    return s.compile or s.patch_embed_gemm
+
+
 def check_steps(steps: int, s: tp.Settings) -> bool:
-    what = "compiled fast paths" + (" with CUDA graphs" if s.cuda_graphs else " without CUDA graphs")
+    levers = [name for name, on in (("compiled", s.compile), ("patch embedding as a GEMM", s.patch_embed_gemm)) if on]
+    what = f"fast paths ({', '.join(levers)})" + (" with CUDA graphs" if s.cuda_graphs else " without CUDA graphs")
     print(f"# step check: B->S KDP distiller, {steps} bf16 training steps, then eval logits"
-          + (f"; {what} vs eager: measured deviation (not bitwise by design)" if s.compile else ""))
+          + (f"; {what} vs eager: measured deviation (not bitwise by design)" if measuring(s) else ""))
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = tp.write_teacher_checkpoint("B", "S", "own", directory, s)
         base_losses, base_state, base_out, _ = step_run(False, checkpoint, steps, s)
         fast_losses, fast_state, fast_out, runners = step_run(True, checkpoint, steps, s)
     fell_back = runners.pop("fell back to eager")
     print(f"  graph runners (captures, replays): {runners}")
-    check = deviation if s.compile else compare
+    check = deviation if measuring(s) else compare
     ok = check("training losses", torch.tensor(fast_losses), torch.tensor(base_losses))
     for name, value in base_state.items():
         ok &= check(f"learned {name}", fast_state[name], value)
-    for name in ("eval logits", *(("query (student's)", "teacher logits") if s.compile else ())):
+    for name in ("eval logits", *(("query (student's)", "teacher logits") if measuring(s) else ())):
         ok &= check(name, fast_out[name], base_out[name])
     if fell_back:
         print(f"  GRAPH CAPTURE FAILED, these passes ran eagerly: {fell_back}")
@@ -184,18 +198,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="opt-in, not bitwise: the fast paths with compile=True "
                         "(the compiled gradient-free passes captured into the CUDA graphs); prints the measured "
                         "deviation from eager instead of checking equality; the step check only")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile: compiled, without CUDA graphs")
+    parser.add_argument("--patch-embed-gemm", action="store_true", help="opt-in, not bitwise: the fast paths with "
+                        "patch_embed_gemm=True (the patch-embedding convolution as reshape + one GEMM) against the "
+                        "eager run with the convolution; prints the measured deviation; the step check only")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile or --patch-embed-gemm: without "
+                        "CUDA graphs")
     args = parser.parse_args(argv)
-    if args.no_cuda_graphs and not args.compile:
-        parser.error("--no-cuda-graphs goes with --compile (without it there is no fast path left to check)")
+    if args.no_cuda_graphs and not (args.compile or args.patch_embed_gemm):
+        parser.error("--no-cuda-graphs goes with --compile or --patch-embed-gemm (without them there is no fast path "
+                     "left to check)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = tp.Settings(device, args.tiny, 0, 0, args.compile, cuda_graphs=not args.no_cuda_graphs,
-                    graph_prompts=args.graph_prompts, concurrent_teacher=not args.no_concurrent_teacher)
+                    graph_prompts=args.graph_prompts, concurrent_teacher=not args.no_concurrent_teacher,
+                    patch_embed_gemm=args.patch_embed_gemm)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
-    if args.compile:
-        print("(--compile: no fit check; the deviations above are measurements, nothing is asserted on them)")
-        print("OK: the compiled passes ran as asked" if ok else "FAILED: see above (fallback to eager / no replay)")
+    if measuring(s):
+        flags = " ".join(flag for flag, on in (("--compile", s.compile), ("--patch-embed-gemm", s.patch_embed_gemm))
+                         if on)
+        print(f"({flags}: no fit check; the deviations above are measurements, nothing is asserted on them)")
+        print("OK: the fast paths ran as asked" if ok else "FAILED: see above (fallback to eager / no replay)")
         return 0 if ok else 1
     if device.type == "cuda":
         ok &= check_fit(s)

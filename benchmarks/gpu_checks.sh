@@ -14,6 +14,10 @@
 #           real loop: per-step wall / GPU kernel / GPU idle ms, host-device calls, top host ops; Chrome traces .json.gz)
 #   paths   the default fast paths: check_fast_paths.py (bitwise against eager), then throughput.py train-learner +
 #           train-distill b-s bf16 with the defaults, with --no-concurrent-teacher and with --graph-prompts
+#   gemm    the opt-in patch_embed_gemm (patch-embedding convolution as reshape + one GEMM): ops.py (the two alone),
+#           check_fast_paths.py --patch-embed-gemm (deviation from the convolution, nothing asserted),
+#           tests/gpu/test_gpu_patch_embed_gemm.py (fast paths == eager bitwise with the flag on in both), and
+#           throughput.py train-learner + train-distill b-s bf16 without, then with --patch-embed-gemm (same machine)
 #   e2e1v   the e2e1 student again with concurrent_teacher off (the default before 2026-12-01), then with
 #           graph_prompts on (opt-in): the two levers' effect on the real run (needs e2e1 first, for its teacher)
 #   e2e1a   the e2e1 teacher and student again with the training batches' augmentation run eagerly
@@ -130,6 +134,24 @@ for part in $PARTS; do
       python3 benchmarks/check_fast_paths.py > "$OUT/check_fast_paths.log" 2>&1
       keep; tail -6 "$OUT/check_fast_paths.log"
       for flag in "" --no-concurrent-teacher --graph-prompts; do
+        name=throughput_bf16${flag:+_${flag#--}}
+        note "throughput b-s bf16 ${flag:-(defaults)}"
+        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
+          > "$OUT/$name.log" 2>&1
+        keep; tail -6 "$OUT/$name.log"
+      done ;;
+    gemm)
+      note "ops.py: the patch-embedding convolution vs reshape + GEMM, alone"
+      python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1
+      keep; grep patch-embed "$OUT/ops.log" | grep -v '^{'
+      note "check_fast_paths --patch-embed-gemm (measured deviation from the convolution)"
+      python3 benchmarks/check_fast_paths.py --patch-embed-gemm > "$OUT/check_fast_paths_patch_embed_gemm.log" 2>&1
+      keep; tail -20 "$OUT/check_fast_paths_patch_embed_gemm.log"
+      note "GPU test: fast paths bitwise equal to eager with patch_embed_gemm on in both"
+      python3 -m pytest -m gpu tests/gpu/test_gpu_patch_embed_gemm.py -q -p no:cacheprovider -rA -s \
+        > "$OUT/gpu_tests_patch_embed_gemm.log" 2>&1
+      keep; tail -12 "$OUT/gpu_tests_patch_embed_gemm.log"
+      for flag in "" --patch-embed-gemm; do
         name=throughput_bf16${flag:+_${flag#--}}
         note "throughput b-s bf16 ${flag:-(defaults)}"
         python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \

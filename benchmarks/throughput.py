@@ -15,7 +15,9 @@ precision (printed). The gradient-free passes run from CUDA graphs as in trainin
 ``--no-cuda-graphs``). ``--compile``: ``compile=True``, the frozen ViT passes through ``torch.compile`` (inductor),
 compiled in the warm-up steps; with CUDA graphs (the default) the compiled gradient-free passes are captured into them,
 with ``--no-cuda-graphs`` they run compiled, ungraphed. Not bitwise equal to eager (``check_fast_paths.py --compile``
-measures the deviation). A pass whose capture failed runs eagerly: its row then says so (``graphs fell back``).
+measures the deviation). ``--patch-embed-gemm``: ``patch_embed_gemm=True``, every frozen ViT's patch-embedding
+convolution run as reshape + one GEMM (opt-in, not bitwise: ``check_fast_paths.py --patch-embed-gemm`` measures the
+deviation). A pass whose capture failed runs eagerly: its row then says so (``graphs fell back``).
 Peak memory: ``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
 ``--query reference``: teacher-side models take their student architecture's query as in the CDL reference (B -> S,
 L -> B), shared by teacher and student in ``train-distill``. ``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths
@@ -70,6 +72,7 @@ class Settings:
     cuda_graphs: bool = True
     graph_prompts: bool = False
     concurrent_teacher: bool = True
+    patch_embed_gemm: bool = False
 
 
 @dataclass
@@ -104,11 +107,13 @@ def learner(arch: str, query: str, s: Settings) -> PromptLearner:
 
 def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
     """Move to the device, open task 0, silence ``self.log`` (a warning-emitting no-op without a trainer), apply the
-    ``cuda_graphs`` / ``compile`` settings."""
+    ``cuda_graphs`` / ``patch_embed_gemm`` / ``compile`` settings."""
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     model.fast_paths.cuda_graphs = s.cuda_graphs
     model.fast_paths.graph_prompts = s.graph_prompts
     model.fast_paths.side_stream = s.concurrent_teacher  # a distiller's `concurrent_teacher` (learners: no effect)
+    model.fast_paths.patch_embed_gemm = s.patch_embed_gemm
+    model.fast_paths.patch_embed_(model.frozen_vits())  # as a trainer's setup does (the teacher's ViTs too)
     model = model.to(s.device)
     model.open_task(0)
     if s.compile:
@@ -273,7 +278,8 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
            "lightning": lightning.__version__, "device": str(s.device), "precision": args.precision,
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
            "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs, "graph_prompts": s.graph_prompts,
-           "concurrent_teacher": s.concurrent_teacher, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+           "concurrent_teacher": s.concurrent_teacher, "patch_embed_gemm": s.patch_embed_gemm,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "tiny": s.tiny, "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
            "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none"}
@@ -319,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                         "training pass (assembly, forward and backward) from CUDA graphs too")
     parser.add_argument("--no-concurrent-teacher", action="store_true", help="train-distill: run the teacher's pass "
                         "before the student's on one CUDA stream, i.e. concurrent_teacher=False")
+    parser.add_argument("--patch-embed-gemm", action="store_true", help="patch_embed_gemm=True: every frozen ViT's "
+                        "patch-embedding convolution as reshape + one GEMM. Not bitwise (check_fast_paths.py "
+                        "--patch-embed-gemm measures the deviation)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
                         "Trainer's `benchmark: true`): cuDNN times its algorithms for the patch-embedding convolution")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
                  not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts,
-                 not args.no_concurrent_teacher)
+                 not args.no_concurrent_teacher, args.patch_embed_gemm)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

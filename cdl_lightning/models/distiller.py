@@ -176,6 +176,7 @@ class Distiller(PromptLearner):
         self.method = method
         self.hparams["method"] = method.spec()  # named, not pickled (see PromptLearner's prompt)
         self.teacher_task = 0
+        self.fast_paths.patch_embed_(self.frozen_vits())  # the teacher's ViTs too (`patch_embed_gemm`)
 
     @override
     def _apply(self, fn: Any, recurse: bool = True) -> Distiller:

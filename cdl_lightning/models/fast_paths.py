@@ -1,8 +1,10 @@
-"""`FastPaths`: a learner's speed paths (frozen-weight casting, ``torch.compile``, CUDA graphs) as one component.
+"""`FastPaths`: a learner's speed paths (frozen-weight casting, ``torch.compile``, CUDA graphs, the patch embedding as
+a GEMM) as one component.
 
 Pure torch (no Lightning): the learner holds one instance built from its ``compile`` / ``cast_frozen_weights`` /
-``cuda_graphs`` arguments and asks it for the passes to run; a script may flip the flags on the instance before the
-first step (``model.fast_paths.cuda_graphs = False``).
+``cuda_graphs`` / ``graph_prompts`` / ``patch_embed_gemm`` arguments and asks it for the passes to run; a script may
+flip the flags on the instance before the first step (``model.fast_paths.cuda_graphs = False``; ``patch_embed_gemm``
+then needs `FastPaths.patch_embed_`, which a trainer's ``setup`` calls).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 
 
 class FastPaths:
-    """The speed paths of a prompt learner; none but ``compile`` changes a number (``benchmarks/check_fast_paths.py``).
+    """The speed paths of a prompt learner; none but ``compile`` and ``patch_embed_gemm`` change a number
+    (``benchmarks/check_fast_paths.py``).
 
     Args:
         compile: ``torch.compile`` (inductor's default mode) the frozen ViTs' prompted forward and query pass in
@@ -58,6 +61,11 @@ class FastPaths:
             (NaN losses on an H200 before that fix), and the default-priority pool hands its 32 streams out again and
             again. (The teacher's kernels so run at a higher priority than the student's; the speed-up quoted for
             `Distiller`'s ``concurrent_teacher`` was measured with the default priority, not re-measured since.)
+        patch_embed_gemm: `patch_embed_` runs the frozen ViTs' patch embedding (timm's ``PatchEmbed``: a Conv2d with
+            kernel == stride == patch size) as a reshape and one GEMM (`cdl_lightning.nn.vit.GemmPatchEmbed`) in every
+            pass, prompted and query. Not bitwise equal to the convolution (another summation order;
+            ``benchmarks/check_fast_paths.py --patch-embed-gemm`` measures the deviation); off by default. A ViT whose
+            patch embedding is not eligible (e.g. ``dynamic_img_size``) keeps its convolution, with a warning.
 
     Attributes:
         runners: the graph wrappers by name (created on first use, CUDA only).
@@ -66,13 +74,14 @@ class FastPaths:
 
     def __init__(
         self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True,
-        graph_prompts: bool = False, side_stream: bool = False,
+        graph_prompts: bool = False, side_stream: bool = False, patch_embed_gemm: bool = False,
     ) -> None:
         self.compile = compile
         self.cast_frozen_weights = cast_frozen_weights
         self.cuda_graphs = cuda_graphs
         self.graph_prompts = graph_prompts
         self.side_stream = side_stream
+        self.patch_embed_gemm = patch_embed_gemm
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._overlap = 0  # open `overlap` scopes
@@ -174,6 +183,14 @@ class FastPaths:
         for vit in vits:
             vit.cast_matmul_weights_(dtype)
 
+    def patch_embed_(self, vits: Sequence[PromptedViT]) -> None:
+        """Set every ViT of ``vits`` to run its patch embedding as reshape + GEMM if ``patch_embed_gemm`` is on, as its
+        convolution if off (`PromptedViT.patch_embed_gemm_`; idempotent). The learner calls it when it is built (a
+        distiller once more with its teacher) and in ``setup``, so a flag flipped on the instance before a trainer runs
+        applies too; a Python loop without a trainer that flips it calls this itself."""
+        for vit in vits:
+            vit.patch_embed_gemm_(self.patch_embed_gemm)
+
     def compile_(self, vits: Sequence[PromptedViT]) -> None:
         """``torch.compile`` the prompted forward and the query pass of ``vits`` (once) when ``compile`` is on.
         Lazy: each pass compiles on its first call (with ``cuda_graphs``, before its capture)."""
@@ -192,7 +209,7 @@ class FastPaths:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
                 f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, side_stream={self.side_stream}, "
-                f"runners={sorted(self.runners)})")
+                f"patch_embed_gemm={self.patch_embed_gemm}, runners={sorted(self.runners)})")
 
 
 class PlainForward(nn.Module):

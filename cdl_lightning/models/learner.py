@@ -138,6 +138,16 @@ class PromptLearner(LightningModule):
             captures them on a stream it picks, possibly the training pass graph's; in recent torch (2.14.1 checked)
             destroying a graph frees the cuBLAS workspace of its capture stream (pytorch/pytorch#193402), which the
             live training-pass graph may still use. Not observed in 10-task runs, not excluded either.
+        patch_embed_gemm: run every frozen ViT's patch embedding (the teacher's and query ViT's too; timm's
+            ``PatchEmbed``, a Conv2d with kernel == stride == patch size) as a reshape and one GEMM
+            (`cdl_lightning.nn.vit.GemmPatchEmbed`), in the prompted and the query pass: in a profiled bf16 ViT-B ->
+            ViT-S step at batch 64, 224 px on an H200, cuDNN's kernels for this convolution took 395-519 us per call
+            (four calls a step), for what is a ~15 GFLOP GEMM.
+            Not bitwise: the GEMM sums the products in another order than the convolution (float64: within 1e-12);
+            ``benchmarks/check_fast_paths.py --patch-embed-gemm`` measures the deviation from the convolution, and
+            ``benchmarks/throughput.py --patch-embed-gemm`` the speed (not measured on a GPU yet). Off by default. A
+            ViT whose patch embedding cannot run so (``dynamic_img_size``, padding, another embed layer) keeps its
+            convolution, with a warning naming why. Checkpoints and weights are unchanged (same ``state_dict`` keys).
     """
 
     def __init__(
@@ -155,6 +165,7 @@ class PromptLearner(LightningModule):
         cast_frozen_weights: bool = True,
         cuda_graphs: bool = True,
         graph_prompts: bool = False,
+        patch_embed_gemm: bool = False,
         task_sizes: list[int] | None = None,
         epochs_per_task: int | None = None,
         class_names: list[str] | None = None,
@@ -183,9 +194,13 @@ class PromptLearner(LightningModule):
         self.task_snapshots: list[dict[str, Tensor]] = []
         self._pack_snapshots = SnapshotPacker()  # checkpoints store each snapshot as the rows its task changed
         self.strict_loading = False  # checkpoints omit the frozen backbone
-        # the speed paths (casting, compile, CUDA graphs) as one component; its flags are these arguments
+        # the speed paths (casting, compile, CUDA graphs, patch embedding as a GEMM) as one component; its flags are
+        # these arguments
         self.fast_paths = FastPaths(compile=compile, cast_frozen_weights=cast_frozen_weights, cuda_graphs=cuda_graphs,
-                                    graph_prompts=graph_prompts)
+                                    graph_prompts=graph_prompts, patch_embed_gemm=patch_embed_gemm)
+        # at construction, so a model used without a trainer (`load_for_inference`, `cdl export`) runs as configured;
+        # `Distiller` applies it to its teacher once built (its `frozen_vits` needs the teacher, not made yet)
+        self.fast_paths.patch_embed_(self.classifier.frozen_modules())
 
     @classmethod
     def load_for_inference(cls, path: str, map_location: str | torch.device = "cpu") -> PromptLearner:
@@ -265,8 +280,8 @@ class PromptLearner(LightningModule):
             self.snapshot_task(self.opened_task)
 
     def frozen_vits(self) -> list[PromptedViT]:
-        """Every frozen ViT, each once (a distiller adds its teacher's): what ``compile`` and ``cast_frozen_weights``
-        act on."""
+        """Every frozen ViT, each once (a distiller adds its teacher's): what ``compile``, ``cast_frozen_weights`` and
+        ``patch_embed_gemm`` act on."""
         return self.classifier.frozen_modules()
 
     def cast_frozen_weights_(self, dtype: torch.dtype) -> None:
@@ -277,6 +292,7 @@ class PromptLearner(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        self.fast_paths.patch_embed_(self.frozen_vits())  # (again: the flag may have been flipped on the instance)
         self.fast_paths.cast(self.frozen_vits(), str(self.trainer.precision))
 
     @override

@@ -13,10 +13,10 @@ from cdl_lightning.nn.kd import (
     ReviewKD,
 )
 from cdl_lightning.nn.prompts import L2P, CodaPrompt, DualPrompt, PromptPool
-from cdl_lightning.nn.vit import BackboneConfig, OfflineWeightsError, PromptedViT, create_vit
+from cdl_lightning.nn.vit import BackboneConfig, GemmPatchEmbed, OfflineWeightsError, PromptedViT, create_vit
 
 __all__ = [
     "BackboneConfig", "ClassifierOutput", "CodaPrompt", "DKD", "DeiTToken", "DistillationMethod", "DualPrompt",
-    "FitNets", "KDP", "L2P", "LogitKD", "ModelShape", "NoDistillation", "OfflineWeightsError", "PromptPool",
-    "PromptedClassifier", "PromptedViT", "ReviewKD", "create_vit",
+    "FitNets", "GemmPatchEmbed", "KDP", "L2P", "LogitKD", "ModelShape", "NoDistillation", "OfflineWeightsError",
+    "PromptPool", "PromptedClassifier", "PromptedViT", "ReviewKD", "create_vit",
 ]

@@ -8,11 +8,15 @@ prompt for layer ``l`` is a pair ``(Pk, Pv)`` concatenated to that block's atten
 for a block that receives a prefix, re-states ``Block.forward``/``Attention.forward`` with the block's own
 submodules and ``F.scaled_dot_product_attention`` (fused kernels), so with no prompts the output is bit-identical to
 ``vit.forward_features``.
+
+`GemmPatchEmbed` (opt-in, ``PromptedViT.patch_embed_gemm_``) runs timm's patch-embedding convolution (kernel == stride
+== patch size, no padding) as a reshape and one GEMM: the same map, rounded differently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +24,8 @@ from typing import Any, Literal
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, PatchEmbed
+from timm.layers.trace_utils import _assert
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -71,6 +76,89 @@ def prefix_block(block: Block, x: Tensor, prefix: Prefix) -> Tensor:
     """timm ``Block.forward`` whose attention receives a key/value prefix."""
     x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def gemm_patch_embed_ineligibility(patch_embed: nn.Module) -> str | None:
+    """Why ``patch_embed`` cannot run as `GemmPatchEmbed` (its reasons joined by ``"; "``), or ``None`` if it can.
+
+    Eligible: timm's own ``PatchEmbed`` (not a subclass with another forward) whose ``proj`` is a plain ``nn.Conv2d``
+    with kernel size == stride == ``patch_size``, no padding, dilation 1, one group; a fixed input size (``img_size``
+    set, ``strict_img_size``: what a ViT built without ``dynamic_img_size`` has) that is a multiple of the patch size;
+    no ``dynamic_img_pad``; flattened ``B x N x C`` output (``flatten``, no ``output_fmt``).
+    """
+    if type(patch_embed) not in (PatchEmbed, GemmPatchEmbed):
+        return f"the patch embedding is a {type(patch_embed).__name__}, not timm's PatchEmbed"
+    proj, patch = patch_embed.proj, tuple(patch_embed.patch_size)
+    if type(proj) is not nn.Conv2d:
+        return f"its projection is a {type(proj).__name__}, not a plain nn.Conv2d"
+    reasons = []
+    if tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch:
+        reasons.append(f"its convolution's kernel {tuple(proj.kernel_size)} and stride {tuple(proj.stride)} are not "
+                       f"the patch size {patch}")
+    if proj.padding not in ((0, 0), "valid"):
+        reasons.append(f"its convolution pads ({proj.padding})")
+    if tuple(proj.dilation) != (1, 1) or proj.groups != 1:
+        reasons.append(f"its convolution has dilation {tuple(proj.dilation)} and {proj.groups} groups")
+    if patch_embed.dynamic_img_pad:
+        reasons.append("dynamic_img_pad=True (inputs are padded to a multiple of the patch size)")
+    if patch_embed.img_size is None or not patch_embed.strict_img_size:
+        reasons.append("it takes any image size (dynamic_img_size=True or strict_img_size=False)")
+    elif any(size % p for size, p in zip(patch_embed.img_size, patch, strict=True)):
+        reasons.append(f"its image size {tuple(patch_embed.img_size)} is not a multiple of the patch size {patch}")
+    if not patch_embed.flatten:
+        reasons.append(f"it returns a {patch_embed.output_fmt.value} feature map, not flattened tokens "
+                       "(dynamic_img_size=True or output_fmt set)")
+    return "; ".join(reasons) or None
+
+
+class GemmPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` with its convolution run as a reshape and one GEMM (opt-in: ``patch_embed_gemm``).
+
+    A convolution whose kernel equals its stride (the patch size ``p``) and that does not pad maps each ``p x p``
+    patch on its own: it is ``F.linear`` over the flattened patches, ``x[b, c, gi*p+i, gj*p+j] -> patches[b, gi*W/p+gj,
+    (c, i, j)]`` with ``proj.weight.flatten(1)`` and ``proj.bias``. The output is timm's ``proj(x).flatten(2)
+    .transpose(1, 2)`` followed by ``norm``, after the same image-size assertion, so every caller of
+    ``vit.patch_embed`` (the prompted `PromptedViT.forward` and the query pass ``vit.forward_features``) gets it.
+
+    Not bitwise equal to the convolution: the GEMM sums the ``C p^2`` products in another order (float64: within
+    1e-12 of it, ``tests/test_patch_embed_gemm.py``; the deviation of a whole bf16 training step:
+    ``benchmarks/check_fast_paths.py --patch-embed-gemm``). In fp32 on CUDA, cuDNN may run the convolution in TF32
+    (``torch.backends.cudnn.allow_tf32``, on by default) while the GEMM follows ``torch.backends.cuda.matmul
+    .allow_tf32`` (off by default): there the GEMM is the more precise of the two. Why it exists: in a torch.profiler
+    trace of a bf16 ViT-B -> ViT-S KDP step at batch 64, 224 px on an H200
+    (``benchmarks/measured/2026-12-01_h200_packed_snapshots/call1/profile_step_distill_bf16.log``; the concurrent
+    teacher overlaps kernels there, which inflates per-kernel times) cuDNN's kernels for this convolution took 395 (B)
+    and 519 (S) us per call, for a map that is a ~15 GFLOP GEMM at ViT-B's width; ``benchmarks/ops.py`` times the two
+    alone. The GEMM's own speed is not measured on a GPU yet. Under autocast the images are cast to the autocast dtype
+    before the patch copy (``F.linear`` would cast them after; the cast is elementwise, so the bits are the same) and
+    the copy moves half the bytes.
+
+    Applied by assigning ``__class__`` on the ViT's own module (`PromptedViT.patch_embed_gemm_`), not by wrapping it:
+    the module keeps its identity, parameters, attributes and place in the tree, so ``state_dict`` keys
+    (``patch_embed.proj.weight``), checkpoints, `load_local_weights` / timm's ``checkpoint_filter_fn``, weight casting
+    (``proj`` is still the ``nn.Conv2d``), ``vit.patch_embed.img_size`` readers and ``torch.export`` see what they saw;
+    assigning ``PatchEmbed`` back undoes it. A module that stops being eligible after the swap (an attribute changed
+    by hand) runs timm's convolution, with a warning.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        reason = gemm_patch_embed_ineligibility(self)
+        if reason is not None:
+            warnings.warn(f"patch_embed_gemm: running the patch-embedding convolution instead of the GEMM: {reason}",
+                          stacklevel=2)
+            return super().forward(x)
+        batch, channels, height, width = x.shape
+        # timm's strict image-size check (the only input check a strict, unpadded PatchEmbed makes)
+        _assert(height == self.img_size[0], f"Input height ({height}) doesn't match model ({self.img_size[0]}).")
+        _assert(width == self.img_size[1], f"Input width ({width}) doesn't match model ({self.img_size[1]}).")
+        (ph, pw), (gh, gw) = self.patch_size, self.grid_size
+        device = x.device.type
+        if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.is_floating_point()
+                and x.dtype != torch.float64):  # autocast's own rule for which inputs it casts
+            x = x.to(torch.get_autocast_dtype(device))
+        patches = x.reshape(batch, channels, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, gh * gw, channels * ph * pw)
+        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
 
 
 @dataclass
@@ -135,6 +223,34 @@ class PromptedViT(nn.Module):
                         count += 1
         self.matmul_dtype = dtype
         return count
+
+    def patch_embed_gemm_(self, enabled: bool = True) -> bool:
+        """Run the patch embedding as a reshape and one GEMM (`GemmPatchEmbed`) or, with ``enabled=False``, as timm's
+        convolution again; in place, for every pass that calls ``vit.patch_embed`` (prompted forward and query).
+
+        Opt-in and not bitwise (see `GemmPatchEmbed`). A patch embedding that cannot run as a GEMM
+        (`gemm_patch_embed_ineligibility`: e.g. ``dynamic_img_size=True``) keeps its convolution, and a warning names
+        why (Python shows a given warning once). Parameters, buffers and ``state_dict`` keys do not change. Returns
+        whether the GEMM is used now.
+        """
+        embed = self.vit.patch_embed
+        if not enabled:
+            if type(embed) is GemmPatchEmbed:
+                embed.__class__ = PatchEmbed
+            return False
+        reason = gemm_patch_embed_ineligibility(embed)
+        if reason is not None:
+            arch = (getattr(self.vit, "pretrained_cfg", None) or {}).get("architecture", type(self.vit).__name__)
+            warnings.warn(f"patch_embed_gemm: the patch embedding of this {arch} keeps its convolution (not reshape + "
+                          f"GEMM): {reason}", stacklevel=2)
+            return False
+        embed.__class__ = GemmPatchEmbed
+        return True
+
+    @property
+    def uses_patch_embed_gemm(self) -> bool:
+        """The patch embedding runs as reshape + GEMM (`patch_embed_gemm_`)."""
+        return type(self.vit.patch_embed) is GemmPatchEmbed
 
     def _autocast_if_cast(self, images: Tensor) -> contextlib.AbstractContextManager:
         """Autocast to ``matmul_dtype`` when the weights were cast and the caller runs without autocast."""

@@ -1,0 +1,113 @@
+"""``patch_embed_gemm=True`` (opt-in, not bitwise vs the convolution) changes numbers only against the convolution, not
+between the fast paths and eager: with the flag on in both runs, the fast paths (frozen weights stored in bf16, CUDA
+graphs for the gradient-free passes and the prompted training pass, the teacher on a second stream) give bitwise the
+eager run's losses, learned parameters and eval logits under bf16 autocast, and every frozen ViT (student, query,
+teacher) runs its patch embedding as the GEMM. Against the convolution the run stays within bf16 rounding.
+
+A KDP student taught by a CODA teacher, trained by hand a few steps: tiny ViTs (32 px, patch 8) and the paper's
+ViT-B -> ViT-S at 224 px (patch 16, the shapes ``benchmarks/ops.py`` timed). The deviation from the convolution at the
+paper's widths is printed by ``benchmarks/check_fast_paths.py --patch-embed-gemm``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, assert_bitwise, counters
+
+from cdl_lightning.models import Distiller, PromptLearner
+from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
+
+pytestmark = GPU
+
+TASK_SIZES = [4, 4]
+STEPS, BATCH = 4, 16
+SETUPS = {  # (teacher, student, prompt pool, image size)
+    "tiny": (TEACHER_VIT, STUDENT_VIT, CODA, 32),
+    "224": (BackboneConfig(name="vit_base_patch16_224"), BackboneConfig(name="vit_small_patch16_224"),
+            functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2, 3, 4)), 224),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SETUPS))
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A finished CODA teacher run's checkpoint (random prompts, one snapshot per task) and the student's settings."""
+    teacher_vit, student_vit, prompt, size = SETUPS[request.param]
+    torch.manual_seed(0)
+    teacher = PromptLearner(backbone=teacher_vit, prompt=prompt, task_sizes=TASK_SIZES, epochs_per_task=1)
+    for task in range(len(TASK_SIZES)):
+        teacher.open_task(task)
+        teacher.snapshot_task(task)
+    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
+    teacher.on_save_checkpoint(checkpoint)
+    path = Path(tmp_path_factory.mktemp("teacher")) / "teacher.ckpt"
+    torch.save(checkpoint, path)
+    return SimpleNamespace(name=request.param, checkpoint=str(path), student_vit=student_vit, prompt=prompt, size=size)
+
+
+def hand_steps(setup: SimpleNamespace, fast: bool, patch_embed_gemm: bool) -> SimpleNamespace:
+    """``STEPS`` bf16 training steps (``training_step`` + backward + plain SGD) of the KDP student, then eval logits
+    under ``no_grad`` and ``inference_mode`` (each twice: a graph is captured on its second call). ``fast`` = the
+    default speed paths, else eager (no CUDA graphs) with fp32 frozen weights."""
+    torch.manual_seed(0)
+    model = Distiller(method=KDP(), teacher_checkpoint=setup.checkpoint, backbone=setup.student_vit,
+                      prompt=setup.prompt, task_sizes=TASK_SIZES, epochs_per_task=1, cast_frozen_weights=fast,
+                      cuda_graphs=fast, patch_embed_gemm=patch_embed_gemm)
+    model.log = lambda *args, **kwargs: None  # no trainer
+    model = model.cuda()
+    model.open_task(0)
+    if fast:
+        model.cast_frozen_weights_(torch.bfloat16)  # what a bf16-mixed trainer's setup does
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    size = setup.size
+    batches = [(torch.rand(BATCH, 3, size, size, device="cuda", generator=generator),
+                torch.randint(0, TASK_SIZES[0], (BATCH,), device="cuda", generator=generator),
+                torch.zeros(BATCH, dtype=torch.long, device="cuda")) for _ in range(STEPS)]
+    model.train()
+    losses = []
+    for i, batch in enumerate(batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.training_step(batch, i)
+        losses.append(loss.detach().float())
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data.add_(p.grad, alpha=-1e-3)
+                p.grad = None
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = [model(batches[0][0], task=0) for _ in range(2)][-1]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        inference_logits = [model(batches[1][0], task=0) for _ in range(2)][-1]
+    torch.cuda.synchronize()
+    return SimpleNamespace(losses=torch.stack(losses), state=model.trainable_state(), logits=logits,
+                           inference_logits=inference_logits, counters=counters(model),
+                           gemm=[vit.uses_patch_embed_gemm for vit in model.frozen_vits()])
+
+
+def test_fast_paths_with_patch_embed_gemm_equal_eager_with_it(setup):
+    eager = hand_steps(setup, fast=False, patch_embed_gemm=True)
+    fast = hand_steps(setup, fast=True, patch_embed_gemm=True)
+    assert eager.gemm == fast.gemm == [True, True]  # the student's ViT and the teacher's (own queries)
+    expected = {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "train": (1, STEPS - 1), "logits": (2, 2)}
+    assert eager.counters == {} and fast.counters == expected, fast.counters
+    assert_bitwise(fast.losses, eager.losses, f"{setup.name}: training losses")
+    for name, value in eager.state.items():
+        assert_bitwise(fast.state[name], value, f"{setup.name}: learned {name}")
+    assert_bitwise(fast.logits, eager.logits, f"{setup.name}: eval logits (no_grad)")
+    assert_bitwise(fast.inference_logits, eager.inference_logits, f"{setup.name}: eval logits (inference_mode)")
+
+
+def test_patch_embed_gemm_stays_within_bf16_of_the_convolution(setup):
+    conv = hand_steps(setup, fast=True, patch_embed_gemm=False)
+    gemm = hand_steps(setup, fast=True, patch_embed_gemm=True)
+    assert conv.gemm == [False, False] and gemm.gemm == [True, True]
+    for what, a, e in (("training losses", gemm.losses, conv.losses), ("eval logits", gemm.logits, conv.logits)):
+        a, e = a.float(), e.float()
+        diff, bound = (a - e).abs().max().item(), 3e-2 * max(e.abs().max().item(), 1e-6)
+        print(f"{setup.name}: {what} max |GEMM - conv| {diff:.3g} (bitwise equal: {torch.equal(a, e)})")
+        assert torch.isfinite(a).all() and diff <= bound, f"{setup.name}: {what}: max |diff| {diff:.3g} > {bound:.3g}"
