@@ -9,7 +9,7 @@ version, its CPU kernel level and the CPU model, stamped into the notebook's met
 moves them needs the notebooks re-executed and committed (``python tests/test_notebooks.py``, which stamps them). On
 another machine the CPU kernels round differently and a few-epoch toy run drifts by a few points (a committed 38.0 %
 printed 39.5 % on an AVX512 AMD EPYC), so there the fresh final accuracies must lie within `DRIFT` points of the
-committed ones.
+committed ones (about the spread that changing only the seed gives).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ FINAL_ACCURACY = {
 
 
 # Largest difference (percentage points) allowed between a fresh run's final accuracy and the committed one when the
-# fresh run is on another kind of machine than the committed one (see the module docstring).
-DRIFT = 8.0
+# fresh run is on another kind of machine than the committed one (see the module docstring). Other rounding perturbs a
+# few-epoch toy run much as another seed does, and the student seeds 0-3 of 02_custom_method moved a student's final
+# accuracy by up to 12.3 points; a broken run lands far outside (chance is 5 % on 20 classes).
+DRIFT = 15.0
 MACHINE_KEY = "cdl_executed_on"  # notebook metadata: the `machine()` that executed the committed outputs
 
 
