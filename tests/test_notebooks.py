@@ -198,19 +198,50 @@ def test_notebook_runs(path: Path, executed_notebooks: dict[str, tuple[Path, Pat
     notebook = nbformat.read(out, as_version=4)
     check_outputs(notebook, path.name)
     assert not list(workdir.iterdir()), f"{path.name} wrote into its working directory: {list(workdir.iterdir())}"
-    committed = nbformat.read(path, as_version=4)
-    fresh = [stdout(cell) for cell in tagged(notebook, "final")]
+    assert_same_final_numbers(notebook, nbformat.read(path, as_version=4), path.name)
+
+
+def assert_same_final_numbers(fresh_notebook, committed, name: str) -> None:
+    """A fresh run prints the committed final numbers: exactly on the machine kind stamped into the committed notebook,
+    within `DRIFT` points of each final accuracy elsewhere."""
+    fresh = [stdout(cell) for cell in tagged(fresh_notebook, "final")]
     if committed.metadata.get(MACHINE_KEY) == machine():
         assert fresh == [stdout(cell) for cell in tagged(committed, "final")], (
-            f"{path.name}: a fresh seeded run prints other final numbers than the committed notebook: re-execute "
+            f"{name}: a fresh seeded run prints other final numbers than the committed notebook: re-execute "
             f"(python tests/test_notebooks.py) and commit it if the change is intended:\n" + "\n".join(fresh)
         )
     else:  # another machine rounds differently: the same story within DRIFT points
-        now, then = final_numbers(notebook, path.name), final_numbers(committed, path.name)
-        assert all(abs(a - b) <= DRIFT for a, b in zip(now, then)), (
-            f"{path.name}: final accuracies {now} are more than {DRIFT} points from the committed {then} (executed on "
+        now, then = final_numbers(fresh_notebook, name), final_numbers(committed, name)
+        assert all(abs(a - b) <= DRIFT for a, b in zip(now, then, strict=True)), (
+            f"{name}: final accuracies {now} are more than {DRIFT} points from the committed {then} (executed on "
             f"{committed.metadata.get(MACHINE_KEY)}, this is {machine()}):\n" + "\n".join(fresh)
         )
+
+
+def _final_table(values: dict[str, float], stamp: dict | None):
+    """A notebook whose one ``final`` cell prints the quickstart's table with these accuracies."""
+    cell = nbformat.v4.new_code_cell("print(table)", metadata={"tags": ["final"]})
+    text = "run  final avg acc (%)\n" + "".join(f"{label}  {value:.1f}\n" for label, value in values.items())
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    if stamp is not None:
+        notebook.metadata[MACHINE_KEY] = stamp
+    return notebook
+
+
+def test_final_numbers_compared_exactly_on_the_stamped_machine_and_within_drift_elsewhere():
+    name = "01_quickstart.ipynb"
+    committed = {"teacher": 39.5, "KDP student": 32.2, "plain student": 36.0}
+    moved = {**committed, "plain student": 36.0 + DRIFT - 1}
+    here, elsewhere = machine(), {**machine(), "cpu": "another CPU"}
+    assert_same_final_numbers(_final_table(committed, None), _final_table(committed, here), name)
+    with pytest.raises(AssertionError, match="other final numbers"):  # same machine: not a digit may move
+        assert_same_final_numbers(_final_table(moved, None), _final_table(committed, here), name)
+    for stamp in (elsewhere, None):  # another machine, or a notebook committed before the stamp existed
+        assert_same_final_numbers(_final_table(moved, None), _final_table(committed, stamp), name)
+        broken = {**committed, "KDP student": 32.2 - DRIFT - 0.5}
+        with pytest.raises(AssertionError, match="more than"):
+            assert_same_final_numbers(_final_table(broken, None), _final_table(committed, stamp), name)
 
 
 def execute_in_place(paths: list[Path]) -> None:
