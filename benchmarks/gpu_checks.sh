@@ -152,7 +152,7 @@ for part in $PARTS; do
         > "$OUT/gpu_tests_patch_embed_gemm.log" 2>&1
       keep; tail -12 "$OUT/gpu_tests_patch_embed_gemm.log"
       for flag in "" --patch-embed-gemm; do
-        name=throughput_bf16${flag:+_${flag#--}}
+        name=throughput_gemm_part_bf16${flag:+_${flag#--}}  # (levers writes throughput_bf16*)
         note "throughput b-s bf16 ${flag:-(defaults)}"
         python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
           > "$OUT/$name.log" 2>&1
