@@ -64,7 +64,8 @@ def load_for_inference(
     """Rebuild a trained `PromptLearner` or `Distiller` student from its checkpoint alone, in eval mode.
 
     A distiller's student is built with ``inference_only=True``: its teacher checkpoint is not needed (the teacher
-    run may be gone), and training-only parts (FitNets/ReviewKD adapters) are left out. No optimizer state is read.
+    run may be gone), and training-only parts (FitNets/ReviewKD adapters) are left out. No optimizer state is used
+    (`on_load_checkpoint` unpacks a packed one, `cdl_lightning.models.optimizer_state`, and nothing reads it).
     The frozen backbone is rebuilt from the identity in the checkpoint (timm name, ``checkpoint_path`` or
     ``pretrained`` weights, ``init_seed``), so a weights file it names must still exist.
 

@@ -443,7 +443,9 @@ class PromptLearner(LightningModule):
     # On load, `restore_model` calls `on_load_checkpoint` (line 283, via `_restore_modules_and_callbacks`, `trainer.py`
     # 1046/1066) before `restore_training_state` (`trainer.py` 1070) reaches `restore_optimizers`, whose
     # `strategy.load_optimizer_state_dict` reads `checkpoint["optimizer_states"]` of the same dict (line 394;
-    # `strategies/strategy.py` 375): the states unpacked there are the ones restored.
+    # `strategies/strategy.py` 375): the states unpacked there are the ones restored. (Not so under FSDPStrategy, which
+    # restores optimizers inside `strategy.load_checkpoint`, before this hook: unsupported here; the first
+    # `optimizer.step()` would fail on the packed dicts, not train on wrong state.)
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
