@@ -7,7 +7,8 @@ prints, for each replacement, the largest difference from the op it would replac
 
 - ``patch-embed``: the strided convolution of timm's ``PatchEmbed`` (cuDNN, default algorithm choice), the same with
   ``torch.backends.cudnn.benchmark``, and the same map as a reshape + ``F.linear`` (kernel == stride, no padding: one
-  GEMM over the flattened patches; rounding may differ from the convolution's);
+  GEMM over the flattened patches, `cdl_lightning.nn.vit.patch_embed_as_gemm`, what ``patch_embed_gemm`` runs;
+  rounding may differ from the convolution's);
 - ``residual-add``: the residual stream's ``x + y`` with ``x`` fp32 and ``y`` bf16 (autocast's Linear output), as
   PyTorch runs it (one mixed-dtype kernel), and as ``x + y.float()`` (a cast and a same-dtype add; bitwise the same);
 - ``layer-norm``: ``F.layer_norm`` of the fp32 residual stream (autocast runs it in fp32), bytes moved vs the time.
@@ -28,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from cdl_lightning.nn.vit import patch_embed_as_gemm
 
 WIDTHS = {"S": 384, "B": 768}
 
@@ -54,13 +57,6 @@ def timer(fn: Callable[[], object], device: torch.device, iters: int, repeats: i
     return statistics.median(samples)
 
 
-def conv_as_linear(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch: int) -> torch.Tensor:
-    """timm ``PatchEmbed``'s convolution (kernel == stride == ``patch``, no padding) as one GEMM: ``(B, N, D)``."""
-    b, c, h, w = images.shape
-    patches = images.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return F.linear(patches.reshape(b, (h // patch) * (w // patch), c * patch * patch), weight.flatten(1), bias)
-
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -81,7 +77,7 @@ def rows_for(arch: str, batch: int, size: int, patch: int, device: torch.device,
 
     def linear():
         with autocast:
-            return conv_as_linear(images, weight, bias, patch)
+            return patch_embed_as_gemm(images, weight, bias, (patch, patch))
 
     flops = 2 * batch * (tokens - 1) * width * 3 * patch * patch
     reference = conv()

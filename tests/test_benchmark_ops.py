@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cdl_lightning.nn.vit import patch_embed_as_gemm
+
 
 @pytest.fixture
 def ops(monkeypatch):
@@ -30,11 +32,11 @@ def test_ops_benchmark_tiny_on_cpu(ops, capsys):
     assert "reshape + F.linear" in printed and '"bench": "cdl-ops"' in printed
 
 
-def test_conv_as_linear_is_the_patch_embedding(ops):
+def test_patch_embed_as_gemm_is_the_convolution():
     """In float64 the reshape + GEMM form equals timm's strided convolution to rounding (1e-12)."""
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
     weight = torch.randn(16, 3, 8, 8, generator=gen, dtype=torch.float64)
     bias = torch.randn(16, generator=gen, dtype=torch.float64)
     conv = F.conv2d(images, weight, bias, stride=8).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(ops.conv_as_linear(images, weight, bias, 8), conv, rtol=0, atol=1e-12)
+    torch.testing.assert_close(patch_embed_as_gemm(images, weight, bias, (8, 8)), conv, rtol=0, atol=1e-12)

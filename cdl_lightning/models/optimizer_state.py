@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdl_lightning.models.snapshots import as_rows
+from cdl_lightning.models.snapshots import row_bits, select_rows
 
 __all__ = [
     "MIN_PACKED_BYTES", "PACKED_KEY", "nonzero_rows", "pack_optimizer_states", "pack_state_tensor",
@@ -47,7 +47,6 @@ MIN_PACKED_BYTES = 4096
 """State tensors smaller than this many bytes are stored whole (a bias's moments: not worth the indices)."""
 
 _ROWS, _VALUES, _SHAPE = "nonzero_rows", "values", "shape"
-_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _packable(value: Any, min_bytes: int) -> bool:
@@ -57,10 +56,7 @@ def _packable(value: Any, min_bytes: int) -> bool:
 
 def nonzero_rows(t: Tensor) -> Tensor:
     """Indices of the rows (`as_rows`) of ``t`` with any nonzero bit: ``-0.0`` counts as nonzero, ``0.0`` does not."""
-    bits = as_rows(t.detach().contiguous())
-    integer = _INTEGER_OF_SIZE.get(t.element_size())  # one integer per element: all bits zero <=> the integer is 0
-    bits = bits.view(integer) if integer is not None else bits.view(torch.uint8)
-    return bits.ne(0).any(dim=1).nonzero().flatten()
+    return row_bits(t).ne(0).any(dim=1).nonzero().flatten()
 
 
 def pack_state_tensor(t: Any, min_bytes: int = MIN_PACKED_BYTES) -> Any:
@@ -69,12 +65,8 @@ def pack_state_tensor(t: Any, min_bytes: int = MIN_PACKED_BYTES) -> Any:
     if not _packable(t, min_bytes):
         return t
     rows = nonzero_rows(t)
-    matrix = as_rows(t)
-    row_bytes = matrix.shape[1] * t.element_size()
-    if rows.numel() * (row_bytes + rows.element_size()) >= t.numel() * t.element_size():
-        return t
-    # index_select copies: the packed values are new tensors, never views of the live optimizer state
-    return {_ROWS: rows, _VALUES: matrix.index_select(0, rows), _SHAPE: list(t.shape)}
+    values = select_rows(t, rows)  # a copy: the packed values are new tensors, never views of the live state
+    return t if values is None else {_ROWS: rows, _VALUES: values, _SHAPE: list(t.shape)}
 
 
 def _is_packed(item: Any) -> bool:

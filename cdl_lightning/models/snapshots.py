@@ -44,6 +44,26 @@ def as_rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1] if t.dim() > 1 else 1)
 
 
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def row_bits(t: Tensor) -> Tensor:
+    """``t``'s rows (`as_rows`) with each element viewed as an integer of its size (bytes where there is none): two
+    elements hold the same bits exactly when these integers are equal, and all-zero bits exactly when it is 0."""
+    rows = as_rows(t.detach().contiguous())
+    return rows.view(_INTEGER_OF_SIZE.get(t.element_size(), torch.uint8))
+
+
+def select_rows(t: Tensor, rows: Tensor) -> Tensor | None:
+    """A copy of the rows (`as_rows`) ``rows`` of ``t`` when those rows and their int64 indices take fewer bytes
+    than ``t`` whole; ``None`` when storing ``t`` whole is smaller."""
+    matrix = as_rows(t)
+    row_bytes = matrix.shape[1] * t.element_size()
+    if rows.numel() * (row_bytes + rows.element_size()) < t.numel() * t.element_size():
+        return matrix.index_select(0, rows)
+    return None
+
+
 def changed_rows(previous: Tensor, current: Tensor) -> Tensor | None:
     """Indices of the rows (`as_rows`) of ``current`` whose bits differ from ``previous``'s; ``None`` when the two
     cannot be compared row by row (another shape or dtype, or a 0-d tensor). Bits, not values: ``-0.0`` vs ``0.0``
@@ -52,22 +72,14 @@ def changed_rows(previous: Tensor, current: Tensor) -> Tensor | None:
         return None
     if current.numel() == 0:
         return torch.zeros(0, dtype=torch.long)
-
-    def as_bytes(t: Tensor) -> Tensor:
-        return as_rows(t.detach().contiguous()).view(torch.uint8)
-
-    return (as_bytes(previous) != as_bytes(current)).any(dim=1).nonzero().flatten()
+    return (row_bits(previous) != row_bits(current)).any(dim=1).nonzero().flatten()
 
 
 def pack_tensor(previous: Tensor | None, current: Tensor) -> Packed:
     """``current`` as a delta against ``previous`` when that is smaller than the whole tensor, else whole."""
     rows = None if previous is None else changed_rows(previous, current)
-    if rows is not None:
-        matrix = as_rows(current)
-        row_bytes = matrix.shape[1] * current.element_size()
-        if rows.numel() * (row_bytes + rows.element_size()) < current.numel() * current.element_size():
-            return {"rows": rows, "values": matrix.index_select(0, rows)}
-    return {"full": current}
+    values = None if rows is None else select_rows(current, rows)
+    return {"full": current} if values is None else {"rows": rows, "values": values}
 
 
 def pack_snapshot(previous: Mapping[str, Tensor] | None, snapshot: Mapping[str, Tensor]) -> dict[str, Packed]:

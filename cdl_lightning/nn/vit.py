@@ -111,6 +111,16 @@ def gemm_patch_embed_ineligibility(patch_embed: nn.Module) -> str | None:
     return "; ".join(reasons) or None
 
 
+def patch_embed_as_gemm(images: Tensor, weight: Tensor, bias: Tensor | None, patch_size: tuple[int, int]) -> Tensor:
+    """A patch convolution (kernel == stride == ``patch_size``, no padding; ``weight`` ``D x C x ph x pw``) as one
+    GEMM over the flattened patches: ``B x N x D`` tokens, row-major over the patch grid, as timm's ``proj(x)
+    .flatten(2).transpose(1, 2)``. Image sides must be multiples of the patch size."""
+    batch, channels, height, width = images.shape
+    (ph, pw), (gh, gw) = patch_size, (height // patch_size[0], width // patch_size[1])
+    patches = images.reshape(batch, channels, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+    return F.linear(patches.reshape(batch, gh * gw, channels * ph * pw), weight.flatten(1), bias)
+
+
 class GemmPatchEmbed(PatchEmbed):
     """timm's ``PatchEmbed`` with its convolution run as a reshape and one GEMM (opt-in: ``patch_embed_gemm``).
 
@@ -147,18 +157,15 @@ class GemmPatchEmbed(PatchEmbed):
             warnings.warn(f"patch_embed_gemm: running the patch-embedding convolution instead of the GEMM: {reason}",
                           stacklevel=2)
             return super().forward(x)
-        batch, channels, height, width = x.shape
+        height, width = x.shape[-2:]
         # timm's strict image-size check (the only input check a strict, unpadded PatchEmbed makes)
         _assert(height == self.img_size[0], f"Input height ({height}) doesn't match model ({self.img_size[0]}).")
         _assert(width == self.img_size[1], f"Input width ({width}) doesn't match model ({self.img_size[1]}).")
-        (ph, pw), (gh, gw) = self.patch_size, self.grid_size
         device = x.device.type
         if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.is_floating_point()
                 and x.dtype != torch.float64):  # autocast's own rule for which inputs it casts
             x = x.to(torch.get_autocast_dtype(device))
-        patches = x.reshape(batch, channels, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(batch, gh * gw, channels * ph * pw)
-        return self.norm(F.linear(patches, self.proj.weight.flatten(1), self.proj.bias))
+        return self.norm(patch_embed_as_gemm(x, self.proj.weight, self.proj.bias, tuple(self.patch_size)))
 
 
 @dataclass
