@@ -77,3 +77,34 @@ def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> N
     equal = same_nan and torch.equal(a.nan_to_num(-1.0), e.nan_to_num(-1.0))
     diff = (a.nan_to_num(0.0) - e.nan_to_num(0.0)).abs().max().item() if a.numel() else 0.0
     assert equal, f"{what}: not bitwise equal (max |diff| {diff:.3g}, NaNs in the same places: {same_nan})"
+
+
+def teacher_checkpoint_file(teacher, directory: Path | str) -> str:
+    """Save ``teacher`` (a `PromptLearner`) as a finished run's checkpoint as Lightning writes it: every task opened
+    and snapshotted (its prompts as they are), ``state_dict``, ``hyper_parameters`` and the ``cdl`` entry of
+    ``on_save_checkpoint``; the file's path."""
+    for task in range(len(teacher.task_schedule.task_sizes)):
+        teacher.open_task(task)
+        teacher.snapshot_task(task)
+    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
+    teacher.on_save_checkpoint(checkpoint)
+    path = Path(directory) / "teacher.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def sgd_steps(model, batches: list, bf16: bool = True) -> torch.Tensor:
+    """One ``training_step`` + backward + plain SGD step (lr 1e-3: no optimizer state to compare) per batch, under
+    bf16 autocast if ``bf16``; the losses."""
+    model.train()
+    losses = []
+    for i, batch in enumerate(batches):
+        with torch.autocast(batch[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.training_step(batch, i)
+        losses.append(loss.detach().float())
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data.add_(p.grad, alpha=-1e-3)
+                p.grad = None
+    return torch.stack(losses)

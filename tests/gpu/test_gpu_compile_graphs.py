@@ -9,11 +9,9 @@ steps. The measured deviation at the paper's widths comes from ``benchmarks/chec
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, counters
+from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, counters, sgd_steps, teacher_checkpoint_file
 
 from cdl_lightning.models import Distiller, PromptLearner
 from cdl_lightning.models.fast_paths import PlainForward
@@ -30,14 +28,7 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A finished tiny CODA teacher run's checkpoint (random prompts, one snapshot per task)."""
     torch.manual_seed(0)
     teacher = PromptLearner(backbone=TEACHER_VIT, prompt=CODA, task_sizes=TASK_SIZES, epochs_per_task=1)
-    for task in range(len(TASK_SIZES)):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = Path(tmp_path_factory.mktemp("teacher")) / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
+    return teacher_checkpoint_file(teacher, tmp_path_factory.mktemp("teacher"))
 
 
 def student(checkpoint: str, **flags: bool) -> Distiller:
@@ -56,18 +47,7 @@ def student(checkpoint: str, **flags: bool) -> Distiller:
 
 def train(model: Distiller, batches: list) -> torch.Tensor:
     """``STEPS`` training steps (``training_step`` + backward + plain SGD) under bf16 autocast; the losses."""
-    model.train()
-    losses = []
-    for i, batch in enumerate(batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.training_step(batch, i)
-        losses.append(loss.detach().float())
-        loss.backward()
-        for p in model.parameters():
-            if p.grad is not None:
-                p.data.add_(p.grad, alpha=-1e-3)
-                p.grad = None
-    return torch.stack(losses)
+    return sgd_steps(model, batches)
 
 
 def gradient_free(model: Distiller, images: torch.Tensor) -> dict[str, torch.Tensor]:

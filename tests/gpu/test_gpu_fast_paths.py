@@ -26,6 +26,8 @@ from _gpu import (
     evaluation,
     gpu_trainer,
     make_data,
+    sgd_steps,
+    teacher_checkpoint_file,
 )
 
 from cdl_lightning.models import Distiller, PromptLearner
@@ -46,14 +48,7 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A finished ViT-B CODA teacher run's checkpoint as Lightning writes it (random prompts, one snapshot per task)."""
     torch.manual_seed(0)
     teacher = PromptLearner(backbone=VIT_B, prompt=CODA_224, task_sizes=TASK_SIZES, epochs_per_task=1)
-    for task in range(len(TASK_SIZES)):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
+    return teacher_checkpoint_file(teacher, tmp_path_factory.mktemp("teacher"))
 
 
 def hand_steps(fast: bool, checkpoint: str, precision: str, **flags: bool) -> SimpleNamespace:
@@ -73,17 +68,7 @@ def hand_steps(fast: bool, checkpoint: str, precision: str, **flags: bool) -> Si
     batches = [(torch.rand(BATCH, 3, 224, 224, device="cuda", generator=generator),
                 torch.randint(0, TASK_SIZES[0], (BATCH,), device="cuda", generator=generator),
                 torch.zeros(BATCH, dtype=torch.long, device="cuda")) for _ in range(STEPS)]
-    model.train()
-    losses = []
-    for i, batch in enumerate(batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = model.training_step(batch, i)
-        losses.append(loss.detach().float())
-        loss.backward()
-        for p in model.parameters():
-            if p.grad is not None:
-                p.data.add_(p.grad, alpha=-1e-3)  # plain SGD: no optimizer state to compare
-                p.grad = None
+    losses = sgd_steps(model, batches, bf16)
     model.eval()
     # each eval signature twice: a graph is captured on its second call (`capture_after=2`; the first runs eagerly)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -91,7 +76,7 @@ def hand_steps(fast: bool, checkpoint: str, precision: str, **flags: bool) -> Si
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         inference_logits = [model(batches[1][0], task=0) for _ in range(2)][-1]
     torch.cuda.synchronize()
-    return SimpleNamespace(losses=torch.stack(losses), state=model.trainable_state(), logits=logits,
+    return SimpleNamespace(losses=losses, state=model.trainable_state(), logits=logits,
                            inference_logits=inference_logits, counters=counters(model),
                            side_streams=len(model.fast_paths.streams))
 

@@ -12,12 +12,11 @@ paper's widths is printed by ``benchmarks/check_fast_paths.py --patch-embed-gemm
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, assert_bitwise, counters
+from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, assert_bitwise, counters, sgd_steps, teacher_checkpoint_file
 
 from cdl_lightning.models import Distiller, PromptLearner
 from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
@@ -39,14 +38,8 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     teacher_vit, student_vit, prompt, size = SETUPS[request.param]
     torch.manual_seed(0)
     teacher = PromptLearner(backbone=teacher_vit, prompt=prompt, task_sizes=TASK_SIZES, epochs_per_task=1)
-    for task in range(len(TASK_SIZES)):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = Path(tmp_path_factory.mktemp("teacher")) / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return SimpleNamespace(name=request.param, checkpoint=str(path), student_vit=student_vit, prompt=prompt, size=size)
+    path = teacher_checkpoint_file(teacher, tmp_path_factory.mktemp("teacher"))
+    return SimpleNamespace(name=request.param, checkpoint=path, student_vit=student_vit, prompt=prompt, size=size)
 
 
 def hand_steps(setup: SimpleNamespace, fast: bool, patch_embed_gemm: bool) -> SimpleNamespace:
@@ -67,24 +60,14 @@ def hand_steps(setup: SimpleNamespace, fast: bool, patch_embed_gemm: bool) -> Si
     batches = [(torch.rand(BATCH, 3, size, size, device="cuda", generator=generator),
                 torch.randint(0, TASK_SIZES[0], (BATCH,), device="cuda", generator=generator),
                 torch.zeros(BATCH, dtype=torch.long, device="cuda")) for _ in range(STEPS)]
-    model.train()
-    losses = []
-    for i, batch in enumerate(batches):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.training_step(batch, i)
-        losses.append(loss.detach().float())
-        loss.backward()
-        for p in model.parameters():
-            if p.grad is not None:
-                p.data.add_(p.grad, alpha=-1e-3)
-                p.grad = None
+    losses = sgd_steps(model, batches)
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         logits = [model(batches[0][0], task=0) for _ in range(2)][-1]
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         inference_logits = [model(batches[1][0], task=0) for _ in range(2)][-1]
     torch.cuda.synchronize()
-    return SimpleNamespace(losses=torch.stack(losses), state=model.trainable_state(), logits=logits,
+    return SimpleNamespace(losses=losses, state=model.trainable_state(), logits=logits,
                            inference_logits=inference_logits, counters=counters(model),
                            gemm=[vit.uses_patch_embed_gemm for vit in model.frozen_vits()])
 
