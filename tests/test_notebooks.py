@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,25 +192,33 @@ def executed_notebooks(
     go to each kernel's own TMPDIR."""
     selected = {item.callspec.params["path"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_notebook_runs" and hasattr(item, "callspec")}
-
-    def execute(path: Path) -> tuple[Path, Path, str]:
-        root = tmp_path_factory.mktemp(path.stem)
-        workdir, tmpdir, out = root / "cwd", root / "tmp", root / path.name
-        workdir.mkdir()
-        tmpdir.mkdir()
-        env = {**os.environ, "TMPDIR": str(tmpdir)}  # inherited by the kernel
-        start = time.perf_counter()
-        with open(root / "stderr.txt", "w+") as log:  # a file, not a pipe: a full pipe would block the child
-            done = subprocess.run([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=log)
-            log.seek(0)
-            error = log.read() if done.returncode else ""
-        print(f"{path.name}: {time.perf_counter() - start:.1f} s")
-        return out, workdir, error
-
     paths = [path for path in NOTEBOOKS if path in selected]
+    runs = execute_all(paths, lambda path: tmp_path_factory.mktemp(path.stem))
+    return {path.name: run for path, run in zip(paths, runs)}
+
+
+def execute(path: Path, root: Path) -> tuple[Path, Path, str]:
+    """Execute notebook ``path`` in its own process from the empty working directory ``root/cwd``, with its
+    temporary files under ``root/tmp``: ``(executed copy, working directory, error output or "")``."""
+    workdir, tmpdir, out = root / "cwd", root / "tmp", root / path.name
+    workdir.mkdir()
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}  # inherited by the kernel
+    start = time.perf_counter()
+    with open(root / "stderr.txt", "w+") as log:  # a file, not a pipe: a full pipe would block the child
+        done = subprocess.run([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=log)
+        log.seek(0)
+        error = log.read() if done.returncode else ""
+    print(f"{path.name}: {time.perf_counter() - start:.1f} s")
+    return out, workdir, error
+
+
+def execute_all(paths: list[Path], root_of: Callable[[Path], Path]) -> list[tuple[Path, Path, str]]:
+    """`execute` each notebook in a directory ``root_of(path)``, two at a time (each kernel trains on one thread, the
+    CI machine has two cores)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return {path.name: run for path, run in zip(paths, pool.map(execute, paths))}
+        return list(pool.map(lambda path: execute(path, root_of(path)), paths))
 
 
 @pytest.mark.slow
@@ -272,27 +281,21 @@ def test_final_numbers_compared_exactly_on_the_stamped_machine_and_within_drift_
 
 
 def execute_in_place(paths: list[Path]) -> None:
-    """Re-execute notebooks as the test does (from an empty working directory, two at a time) and save them with their
-    outputs and this `machine()` stamped into their metadata."""
+    """Re-execute notebooks as the test does (`execute_all`) and save them with their outputs and this `machine()`
+    stamped into their metadata."""
     import tempfile
 
-    def run(path: Path) -> str:
-        with tempfile.TemporaryDirectory() as root:
-            workdir, out = Path(root) / "cwd", Path(root) / path.name
-            workdir.mkdir()
-            done = subprocess.run([sys.executable, "-c", _EXECUTE, str(path), str(out), str(workdir)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if done.returncode:
-                return f"{path.name} failed:\n{done.stderr[-3000:]}"
-            notebook = nbformat.read(out, as_version=4)
-            notebook.metadata[MACHINE_KEY] = machine()
-            nbformat.write(notebook, path)
-            return f"{path.name}: executed and saved"
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(run, paths))
-    print("\n".join(results))
-    if any("failed" in line for line in results):
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = execute_all(paths, lambda path: Path(tempfile.mkdtemp(dir=scratch)))
+        failed = [f"{path.name} failed:\n{error[-3000:]}" for path, (_, _, error) in zip(paths, runs) if error]
+        for path, (out, _, error) in zip(paths, runs):
+            if not error:
+                notebook = nbformat.read(out, as_version=4)
+                notebook.metadata[MACHINE_KEY] = machine()
+                nbformat.write(notebook, path)
+                print(f"{path.name}: executed and saved")
+    if failed:
+        print("\n".join(failed))
         raise SystemExit(1)
 
 
