@@ -106,14 +106,21 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     return losses, model.trainable_state(), outputs, {**runners, "fell back to eager": fell_back}
 
 
+def opt_in_levers(s: tp.Settings) -> list[tuple[str, str]]:
+    """The opt-in paths that are not bitwise and are on, as ``(flag, what it does)``."""
+    levers = (("--compile", "compiled", s.compile), ("--patch-embed-gemm", "patch embedding as a GEMM",
+                                                       s.patch_embed_gemm))
+    return [(flag, what) for flag, what, on in levers if on]
+
+
 def measuring(s: tp.Settings) -> bool:
     """An opt-in path that is not bitwise is on (``compile``, ``patch_embed_gemm``): print deviations, check none."""
-    return s.compile or s.patch_embed_gemm
+    return bool(opt_in_levers(s))
 
 
 def check_steps(steps: int, s: tp.Settings) -> bool:
-    levers = [name for name, on in (("compiled", s.compile), ("patch embedding as a GEMM", s.patch_embed_gemm)) if on]
-    what = f"fast paths ({', '.join(levers)})" + (" with CUDA graphs" if s.cuda_graphs else " without CUDA graphs")
+    levers = ", ".join(what for _, what in opt_in_levers(s))
+    what = f"fast paths ({levers})" + (" with CUDA graphs" if s.cuda_graphs else " without CUDA graphs")
     print(f"# step check: B->S KDP distiller, {steps} bf16 training steps, then eval logits"
           + (f"; {what} vs eager: measured deviation (not bitwise by design)" if measuring(s) else ""))
     with tempfile.TemporaryDirectory() as directory:
@@ -214,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
     if measuring(s):
-        flags = " ".join(flag for flag, on in (("--compile", s.compile), ("--patch-embed-gemm", s.patch_embed_gemm))
-                         if on)
+        flags = " ".join(flag for flag, _ in opt_in_levers(s))
         print(f"({flags}: no fit check; the deviations above are measurements, nothing is asserted on them)")
         print("OK: the fast paths ran as asked" if ok else "FAILED: see above (fallback to eager / no replay)")
         return 0 if ok else 1
