@@ -30,6 +30,10 @@
 #           check_fast_paths.py --compile (the measured deviation from eager)
 #   e2e1c   e2e1 with --model.init_args.compile true (teacher, then the student taught by it), and its projection to
 #           the paper's 20 epochs per task (projection.py)
+#   e2e1cg  e2e1c with --model.init_args.patch_embed_gemm true too
+#   e2e1x   e2e1 with the cdl fit arguments in $LEVERS, its results named by $TAG (OUT/e2e_*_1gpu_$TAG.json); with
+#           $TEACHER (a teacher run's last.ckpt) the student alone, e.g.
+#           LEVERS='--model.init_args.patch_embed_gemm true' TAG=gemm bash benchmarks/gpu_checks.sh PACK OUT e2e1x
 #
 # e2e1 and e2e1c end with benchmarks/projection.py on their two runs (the paper-protocol projection,
 # OUT/projection*.log).
@@ -108,6 +112,25 @@ for part in $PARTS; do
       e2e_one_gpu e2e_student_1gpu_compile "ViT-B -> ViT-S KDP student, 1 GPU, compile" --model kdp-b-s \
         --out "$RUNS/compile" --teacher "$RUNS/compile/coda-b/checkpoints/last.ckpt" -- --model.init_args.compile true
       project projection_compile e2e_teacher_1gpu_compile e2e_student_1gpu_compile ;;
+    e2e1cg)
+      e2e_one_gpu e2e_teacher_1gpu_compile_gemm "ViT-B CODA teacher, 1 GPU, compile + patch_embed_gemm" --model coda-b \
+        --out "$RUNS/compile_gemm" -- --model.init_args.compile true --model.init_args.patch_embed_gemm true
+      e2e_one_gpu e2e_student_1gpu_compile_gemm "ViT-B -> ViT-S KDP student, 1 GPU, compile + patch_embed_gemm" \
+        --model kdp-b-s --out "$RUNS/compile_gemm" --teacher "$RUNS/compile_gemm/coda-b/checkpoints/last.ckpt" \
+        -- --model.init_args.compile true --model.init_args.patch_embed_gemm true
+      project projection_compile_gemm e2e_teacher_1gpu_compile_gemm e2e_student_1gpu_compile_gemm ;;
+    e2e1x)
+      # e2e1 with the opt-in cdl fit arguments in $LEVERS, results named by $TAG; with $TEACHER (a checkpoint) the
+      # student alone, taught by it
+      read -ra lev <<< "${LEVERS:?e2e1x needs LEVERS, e.g. LEVERS='--model.init_args.patch_embed_gemm true'}"
+      tag=${TAG:?e2e1x needs TAG}
+      if [ -z "${TEACHER:-}" ]; then
+        e2e_one_gpu "e2e_teacher_1gpu_$tag" "ViT-B CODA teacher, 1 GPU, $tag" --model coda-b --out "$RUNS/$tag" \
+          -- "${lev[@]}"
+      fi
+      e2e_one_gpu "e2e_student_1gpu_$tag" "ViT-B -> ViT-S KDP student, 1 GPU, $tag" --model kdp-b-s --out "$RUNS/$tag" \
+        --teacher "${TEACHER:-$RUNS/$tag/coda-b/checkpoints/last.ckpt}" -- "${lev[@]}"
+      [ -z "${TEACHER:-}" ] && project "projection_$tag" "e2e_teacher_1gpu_$tag" "e2e_student_1gpu_$tag" ;;
     levers)
       note "ops.py (single ops alone on the GPU)"
       python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1
