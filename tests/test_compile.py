@@ -24,6 +24,8 @@ def test_compiled_learner_matches_eager():
         model.configure_model()
         model.configure_model()  # idempotent
         compiled = model(images, 1)
+        remainder = model(images[:3], 1)  # a smaller batch: padded to 4 (`BatchPadding`), no second compile
     vit = model.classifier.backbone
-    assert vit._compiled_call_impl is not None
+    assert vit._compiled_call_impl is not None and vit._compiled_call_impl.padded_calls == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(remainder, eager[:3], rtol=1e-4, atol=1e-5)

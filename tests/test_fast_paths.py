@@ -777,4 +777,11 @@ def test_compiled_learner_passes_through_graphed_functions_match_eager(monkeypat
         torch.testing.assert_close(query, expected_query, rtol=1e-4, atol=1e-5)
     for logit in logits:
         torch.testing.assert_close(logit, expected_logits, rtol=1e-4, atol=1e-5)
+    compiled = counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # a smaller batch (an evaluation's last): a capture of its own, padded into the compiled size
+        remainders = [model(images[:3], 1) for _ in range(3)]
+    assert model.graph_runners["logits"].captures == 2 and len(graphs_at_capture) == 3
+    assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled for it (`BatchPadding`)
+    for logit in remainders:
+        torch.testing.assert_close(logit, expected_logits[:3], rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()

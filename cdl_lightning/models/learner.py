@@ -120,7 +120,10 @@ class PromptLearner(LightningModule):
             sets up (`FastPaths`). With ``cuda_graphs`` the compiled gradient-free passes are captured into the CUDA
             graphs (the graphed training pass stays uncompiled); without, every pass runs compiled, ungraphed. Not
             bitwise equal to eager (inductor fuses kernels; ``benchmarks/check_fast_paths.py --compile`` measures the
-            deviation), so off by default. Costs a minute or more of compilation.
+            deviation), so off by default. Costs a minute or more of compilation. Static shapes, a smaller batch
+            (an epoch's or an evaluation's last) padded to a compiled batch size (`FastPaths.compile_`). Measured on an
+            H100 before that padding existed, ``cdl fit`` ran slower compiled than eager; with it: not yet measured
+            on a GPU (README, Speed).
         cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
             weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
             re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, counters, sgd_steps, teacher_checkpoint_file
+from torch._dynamo.utils import counters as dynamo_counters
 
 from cdl_lightning.models import Distiller, PromptLearner
 from cdl_lightning.models.fast_paths import PlainForward
@@ -98,6 +99,12 @@ def test_compiled_passes_replay_from_cuda_graphs_within_bf16_of_eager(teacher_ch
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         logits = [compiled(batches[1][0], task=0) for _ in range(3)]
     assert counters(compiled)["logits"] == (1, 2) and runners["logits"].disabled_reason is None
+    # a smaller batch (an evaluation's last): captured too, padded into the compiled batch size, nothing compiled
+    compiled_graphs = dynamo_counters["stats"]["unique_graphs"]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        remainders = [compiled(batches[1][0][:5], task=0) for _ in range(3)]
+    assert counters(compiled)["logits"] == (2, 4) and runners["logits"].disabled_reason is None
+    assert dynamo_counters["stats"]["unique_graphs"] == compiled_graphs
     # and all of it within bf16 rounding of the eager run (no compile, no graphs)
     eager = student(teacher_checkpoint, cuda_graphs=False)
     eager_losses = train(eager, batches)
@@ -110,4 +117,6 @@ def test_compiled_passes_replay_from_cuda_graphs_within_bf16_of_eager(teacher_ch
     close_in_bf16(compiled_out["teacher"], eager_out["teacher"], "teacher logits")
     for value in logits:
         close_in_bf16(value, eager_logits, "eval logits")
+    for value in remainders:
+        close_in_bf16(value, eager_logits[:5], "eval logits of a smaller batch")
     torch._dynamo.reset()

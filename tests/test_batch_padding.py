@@ -1,0 +1,124 @@
+"""`BatchPadding`: a smaller batch runs padded to a batch size the pass already ran at; `FastPaths.compile_` uses it
+so that a compiled ViT pass compiles once per full batch size, with static shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from cdl_lightning.models import PromptLearner
+from cdl_lightning.models.fast_paths import RECOMPILE_LIMIT
+from cdl_lightning.nn.batch_padding import BatchPadding
+from cdl_lightning.nn.prompts import CodaPrompt
+from cdl_lightning.nn.vit import ViTOutput
+
+
+def _rowwise(images, prefixes=None, shared=None):
+    """A pass whose samples do not interact; records the batch size it ran at."""
+    _rowwise.seen.append(images.shape[0])
+    x = images.flatten(1).sin()
+    if prefixes:
+        x = x + sum(k.sum((1, 2))[:, None] * v.sum((1, 2))[:, None] for k, v in prefixes.values())
+    if shared is not None:
+        x = x * shared.sum()
+    return ViTOutput(tokens=x[:, None, :], blocks=[x, 2 * x])
+
+
+def test_smaller_batches_run_padded_and_come_back_cut_and_equal():
+    _rowwise.seen = []
+    padded = BatchPadding(_rowwise)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 2, 2, generator=gen)
+    prefixes = {0: (torch.rand(6, 2, 4, generator=gen), torch.rand(6, 2, 4, generator=gen))}
+    shared = torch.rand(1, 3, generator=gen)
+
+    full = padded(images[:4], prefixes={0: tuple(p[:4] for p in prefixes[0])}, shared=shared)
+    assert full.tokens.shape == (4, 1, 12) and padded.sizes == {4} and padded.padded_calls == 0
+    for batch in (3, 1):  # smaller: padded to 4, cut back, same numbers as unpadded (b == 1 pads `shared` too)
+        out = padded(images[:batch], prefixes={0: tuple(p[:batch] for p in prefixes[0])}, shared=shared)
+        alone = _rowwise(images[:batch], {0: tuple(p[:batch] for p in prefixes[0])}, shared)
+        assert out.tokens.shape == (batch, 1, 12) and [b.shape[0] for b in out.blocks] == [batch, batch]
+        torch.testing.assert_close(out.tokens, alone.tokens, rtol=0, atol=0)
+        torch.testing.assert_close(out.blocks[1], alone.blocks[1], rtol=0, atol=0)
+    assert _rowwise.seen == [4, 4, 3, 4, 1] and padded.padded_calls == 2
+    padded(images)  # larger than any size seen: runs as itself (a new compile for a compiled pass)
+    padded(images[:5])  # padded to the smallest size >= 5
+    padded(images[:2])  # padded to 4, not 6
+    assert _rowwise.seen[-3:] == [6, 6, 4] and padded.sizes == {4, 6} and padded.padded_calls == 4
+    assert repr(padded).endswith("sizes=[4, 6])")
+
+
+def test_gradients_reach_the_real_rows_only_and_match_the_unpadded_pass():
+    weight = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def layer(x, bias):
+        calls.append(x.shape[0])
+        return torch.tanh(x @ weight + bias), x.sum()  # a batch-less output passes through untouched
+
+    padded = BatchPadding(layer)
+    padded(torch.rand(8, 5), torch.zeros(8, 3))
+    x = torch.rand(3, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    bias = torch.rand(3, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out, total = padded(x, bias)
+    assert calls == [8, 8] and out.shape == (3, 3) and total.shape == ()
+    (out.square().sum() + total).backward()
+    grads = (x.grad.clone(), bias.grad.clone())
+    x.grad = bias.grad = None
+    ref, ref_total = layer(x, bias)
+    (ref.square().sum() + ref_total).backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads, (x.grad, bias.grad))
+
+
+def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_vit_config):
+    """``compile=True``: the prompted forward and the query pass are compiled with static shapes and wrapped in
+    `BatchPadding`, so an evaluation remainder (any smaller batch) reuses the full batch's compile and a larger batch
+    compiles for itself; dynamo's recompile limit is at least `RECOMPILE_LIMIT`. Counted with dynamo's compile counter
+    (the eager backend: the frames dynamo compiles, no inductor)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    dynamic = []
+    compile_ = torch.compile
+
+    def counted(fn, **kwargs):
+        dynamic.append(kwargs.get("dynamic"))
+        return compile_(fn, backend=counter, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counted)
+    coda = functools.partial(CodaPrompt, pool_size=8, layers=(0, 1))
+    model = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], compile=True,
+                          cuda_graphs=False).eval()
+    eager = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], cuda_graphs=False).eval()
+    eager.load_state_dict(model.state_dict())
+    model.configure_model()
+    assert dynamic == [False, False]  # the prompted forward, the query pass
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(images[:4], 1)
+        frames = counter.frame_count
+        assert frames == 2  # the query pass, the prompted forward
+        for batch in (3, 1, 2):  # remainders: padded to 4, nothing recompiles
+            torch.testing.assert_close(model(images[:batch], 1), eager(images[:batch], 1), rtol=1e-5, atol=1e-6)
+        assert counter.frame_count == frames
+        model(images, 1)  # a larger batch: its own static compile of each pass
+        assert counter.frame_count == 2 * frames
+        torch.testing.assert_close(model(images[:5], 1), eager(images[:5], 1), rtol=1e-5, atol=1e-6)
+        assert counter.frame_count == 2 * frames
+    vit = model.classifier.backbone
+    for padded in (vit._compiled_call_impl, vit.vit.forward_features):
+        assert padded.sizes == {4, 6} and padded.padded_calls == 4
+    torch._dynamo.reset()
+
+
+def test_calls_without_a_batched_tensor_run_as_they_are():
+    padded = BatchPadding(lambda x, scale=1.0: x * scale)
+    assert padded(3, scale=2.0) == 6.0 and padded.sizes == set()
+    assert padded(torch.tensor(2.0)).item() == 2.0 and padded.sizes == set()  # a 0-d tensor has no batch
+    padded(torch.ones(4, 2))
+    out = padded(torch.ones(0, 2))  # an empty batch: padded to 4 rows, cut back to none
+    assert out.shape == (0, 2) and padded.padded_calls == 1
