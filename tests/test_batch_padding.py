@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from cdl_lightning.models import PromptLearner
 from cdl_lightning.models.fast_paths import RECOMPILE_LIMIT
 from cdl_lightning.nn.batch_padding import BatchPadding
-from cdl_lightning.nn.prompts import CodaPrompt
+from cdl_lightning.nn.prompts import CodaPrompt, DualPrompt
 from cdl_lightning.nn.vit import ViTOutput
 
 
@@ -35,7 +36,7 @@ def test_smaller_batches_run_padded_and_come_back_cut_and_equal():
 
     full = padded(images[:4], prefixes={0: tuple(p[:4] for p in prefixes[0])}, shared=shared)
     assert full.tokens.shape == (4, 1, 12) and padded.sizes == {4} and padded.padded_calls == 0
-    for batch in (3, 1):  # smaller: padded to 4, cut back, same numbers as unpadded (b == 1 pads `shared` too)
+    for batch in (3, 1):  # smaller: padded to 4, cut back, same numbers as unpadded
         out = padded(images[:batch], prefixes={0: tuple(p[:batch] for p in prefixes[0])}, shared=shared)
         alone = _rowwise(images[:batch], {0: tuple(p[:batch] for p in prefixes[0])}, shared)
         assert out.tokens.shape == (batch, 1, 12) and [b.shape[0] for b in out.blocks] == [batch, batch]
@@ -55,7 +56,7 @@ def test_gradients_reach_the_real_rows_only_and_match_the_unpadded_pass():
 
     def layer(x, bias):
         calls.append(x.shape[0])
-        return torch.tanh(x @ weight + bias), x.sum()  # a batch-less output passes through untouched
+        return torch.tanh(x @ weight + bias), x.sum()  # a batch-less output is returned as computed (padded rows: 0)
 
     padded = BatchPadding(layer)
     padded(torch.rand(8, 5), torch.zeros(8, 3))
@@ -72,7 +73,15 @@ def test_gradients_reach_the_real_rows_only_and_match_the_unpadded_pass():
     torch.testing.assert_close(grads, (x.grad, bias.grad))
 
 
-def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_vit_config):
+PROMPTS = {
+    "coda": functools.partial(CodaPrompt, pool_size=8, layers=(0, 1)),
+    # its g-prompt is broadcast over the batch (first dimension 1): stays so in a padded batch of 1
+    "dualprompt": functools.partial(DualPrompt, g_length=2, g_layers=(0,), pool_size=3, e_length=4, e_layers=(1, 2)),
+}
+
+
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_vit_config, prompt):
     """``compile=True``: the prompted forward and the query pass are compiled with static shapes and wrapped in
     `BatchPadding`, so an evaluation remainder (any smaller batch) reuses the full batch's compile and a larger batch
     compiles for itself; dynamo's recompile limit is at least `RECOMPILE_LIMIT`. Counted with dynamo's compile counter
@@ -89,10 +98,9 @@ def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_
         return compile_(fn, backend=counter, **kwargs)
 
     monkeypatch.setattr(torch, "compile", counted)
-    coda = functools.partial(CodaPrompt, pool_size=8, layers=(0, 1))
-    model = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], compile=True,
+    model = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS[prompt], task_sizes=[2, 2], compile=True,
                           cuda_graphs=False).eval()
-    eager = PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2], cuda_graphs=False).eval()
+    eager = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS[prompt], task_sizes=[2, 2], cuda_graphs=False).eval()
     eager.load_state_dict(model.state_dict())
     model.configure_model()
     assert dynamic == [False, False]  # the prompted forward, the query pass
@@ -115,10 +123,48 @@ def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_
     torch._dynamo.reset()
 
 
+def test_arguments_broadcast_over_the_batch_stay_broadcast_in_the_first_calls_layout():
+    """What held the batch, and in which strides, comes from the first call at the padded size: a (1, ...) token that
+    was broadcast there is not padded for a batch of 1, and a batch-holding view keeps its strides."""
+    calls = []
+
+    def fn(x, token, kv):
+        calls.append((x.shape, token.shape, kv.stride()))
+        return x + token + kv.sum(-1, keepdim=True)
+
+    padded = BatchPadding(fn)
+    kv = torch.rand(4, 2, 6)[..., :3]  # a view: strides (12, 6, 1)
+    token = torch.rand(1, 2, 1)
+    padded(torch.rand(4, 2, 1), token, kv)
+    x = torch.rand(1, 2, 1)
+    out = padded(x, token, kv[:1].contiguous())  # contiguous (6, 3, 1) here: padded in the first call's strides
+    assert calls[-1] == ((4, 2, 1), (1, 2, 1), (12, 6, 1))
+    torch.testing.assert_close(out, x + token + kv[:1].sum(-1, keepdim=True))
+
+
+def test_sizes_known_up_front_run_as_themselves():
+    seen = []
+    padded = BatchPadding(lambda x: seen.append(x.shape[0]) or x * 2, sizes=(8, 4))
+    for batch in (8, 4, 3, 6, 8, 9, 5):
+        assert padded(torch.ones(batch, 2)).shape == (batch, 2)
+    assert seen == [8, 4, 4, 8, 8, 9, 8] and padded.sizes == {4, 8, 9} and padded.padded_calls == 3
+
+
+def test_the_learner_passes_its_data_modules_batch_sizes(tiny_vit_config):
+    from types import SimpleNamespace
+
+    model = PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2], compile=True, cuda_graphs=False)
+    assert model._loader_batch_sizes() == ()  # no trainer
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=64, eval_batch_size=32))
+    assert model._loader_batch_sizes() == (64, 32)
+    model._trainer = SimpleNamespace(datamodule=None)  # dataloaders given to fit directly
+    assert model._loader_batch_sizes() == ()
+
+
 def test_calls_without_a_batched_tensor_run_as_they_are():
     padded = BatchPadding(lambda x, scale=1.0: x * scale)
     assert padded(3, scale=2.0) == 6.0 and padded.sizes == set()
     assert padded(torch.tensor(2.0)).item() == 2.0 and padded.sizes == set()  # a 0-d tensor has no batch
     padded(torch.ones(4, 2))
-    out = padded(torch.ones(0, 2))  # an empty batch: padded to 4 rows, cut back to none
-    assert out.shape == (0, 2) and padded.padded_calls == 1
+    out = padded(torch.ones(0, 2))  # an empty batch runs as itself and is no known size
+    assert out.shape == (0, 2) and padded.padded_calls == 0 and padded.sizes == {4}

@@ -9,7 +9,7 @@ then needs `FastPaths.patch_embed_`, which a trainer's ``setup`` calls).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -192,9 +192,11 @@ class FastPaths:
         for vit in vits:
             vit.patch_embed_gemm_(self.patch_embed_gemm)
 
-    def compile_(self, vits: Sequence[PromptedViT]) -> None:
+    def compile_(self, vits: Sequence[PromptedViT], batch_sizes: Iterable[int] = ()) -> None:
         """``torch.compile`` the prompted forward and the query pass of ``vits`` (once) when ``compile`` is on.
-        Lazy: each pass compiles on its first call (with ``cuda_graphs``, before its capture).
+        Lazy: each pass compiles on its first call (with ``cuda_graphs``, before its capture). ``batch_sizes``: the
+        full batch sizes the passes will meet (the learner passes its data module's training and evaluation batch
+        sizes), each compiled for itself; a smaller batch runs padded to the smallest of them that fits.
 
         Static shapes (``dynamic=False``), smaller batches padded (`cdl_lightning.nn.batch_padding.BatchPadding`).
         Dynamo's default (automatic dynamic shapes) recompiles a pass for a *symbolic* batch size the first time the
@@ -213,8 +215,9 @@ class FastPaths:
         raise_recompile_limit(RECOMPILE_LIMIT)
         for vit in vits:
             vit.compile(dynamic=False)  # the prompted forward
-            vit._compiled_call_impl = BatchPadding(vit._compiled_call_impl)
-            vit.vit.forward_features = BatchPadding(torch.compile(vit.vit.forward_features, dynamic=False))  # query
+            vit._compiled_call_impl = BatchPadding(vit._compiled_call_impl, batch_sizes)
+            query = torch.compile(vit.vit.forward_features, dynamic=False)
+            vit.vit.forward_features = BatchPadding(query, batch_sizes)
         self._compiled = True
 
     def reset(self) -> None:

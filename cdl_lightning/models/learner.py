@@ -300,7 +300,16 @@ class PromptLearner(LightningModule):
 
     @override
     def configure_model(self) -> None:
-        self.fast_paths.compile_(self.frozen_vits())
+        self.fast_paths.compile_(self.frozen_vits(), self._loader_batch_sizes())
+
+    def _loader_batch_sizes(self) -> tuple[int, ...]:
+        """The trainer's data module's training and evaluation batch sizes, those it has (none without a trainer)."""
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # not attached to a trainer
+            return ()
+        sizes = (getattr(datamodule, "batch_size", None), getattr(datamodule, "eval_batch_size", None))
+        return tuple(size for size in sizes if isinstance(size, int))
 
     # ----------------------------------------------------------------------------------------------------- forward
     @property
