@@ -76,7 +76,8 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     passes = measuring(s)
     s = tp.Settings(s.device, s.tiny, 0, 0, fast and s.compile, cast_weights=fast, cuda_graphs=fast and s.cuda_graphs,
                     graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher,
-                    patch_embed_gemm=fast and s.patch_embed_gemm)
+                    patch_embed_gemm=fast and s.patch_embed_gemm,
+                    compile_training_pass=fast and s.compile_training_pass)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
                       task_sizes=tp.TASK_SIZES, epochs_per_task=1)
@@ -109,7 +110,8 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
 def opt_in_levers(s: tp.Settings) -> list[tuple[str, str]]:
     """The opt-in paths that are not bitwise and are on, as ``(flag, what it does)``."""
     levers = (("--compile", "compiled", s.compile), ("--patch-embed-gemm", "patch embedding as a GEMM",
-                                                       s.patch_embed_gemm))
+                                                       s.patch_embed_gemm),
+              ("--compile-training-pass", "the compiled training pass graphed", s.compile_training_pass))
     return [(flag, what) for flag, what, on in levers if on]
 
 
@@ -208,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-embed-gemm", action="store_true", help="opt-in, not bitwise: the fast paths with "
                         "patch_embed_gemm=True (the patch-embedding convolution as reshape + one GEMM) against the "
                         "eager run with the convolution; prints the measured deviation; the step check only")
+    parser.add_argument("--compile-training-pass", action="store_true", help="with --compile: the compiled prompted "
+                        "training pass captured in the CUDA graphs too (experimental)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile or --patch-embed-gemm: without "
                         "CUDA graphs")
     args = parser.parse_args(argv)
     if args.no_cuda_graphs and not (args.compile or args.patch_embed_gemm):
         parser.error("--no-cuda-graphs goes with --compile or --patch-embed-gemm (without them there is no fast path "
                      "left to check)")
+    if args.compile_training_pass and not args.compile:
+        parser.error("--compile-training-pass needs --compile")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = tp.Settings(device, args.tiny, 0, 0, args.compile, cuda_graphs=not args.no_cuda_graphs,
                     graph_prompts=args.graph_prompts, concurrent_teacher=not args.no_concurrent_teacher,
-                    patch_embed_gemm=args.patch_embed_gemm)
+                    patch_embed_gemm=args.patch_embed_gemm, compile_training_pass=args.compile_training_pass)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
     if measuring(s):

@@ -31,6 +31,10 @@
 #   e2e1c   e2e1 with --model.init_args.compile true (teacher, then the student taught by it), and its projection to
 #           the paper's 20 epochs per task (projection.py)
 #   e2e1cg  e2e1c with --model.init_args.patch_embed_gemm true too
+#   compile the compile lever after the 2026-12-07 fix (static shapes, smaller batches padded): its GPU test, then
+#           throughput.py train-learner + train-distill b-s bf16 with the defaults, --compile, --compile
+#           --compile-training-pass (experimental) and that with --patch-embed-gemm, then check_fast_paths.py --compile
+#           --compile-training-pass (the measured deviation); then e2e1c / e2e1cg for the real run
 #   e2e1x   e2e1 with the cdl fit arguments in $LEVERS, its results named by $TAG (OUT/e2e_*_1gpu_$TAG.json); with
 #           $TEACHER (a teacher run's last.ckpt) the student alone, e.g.
 #           LEVERS='--model.init_args.patch_embed_gemm true' TAG=gemm bash benchmarks/gpu_checks.sh PACK OUT e2e1x
@@ -131,6 +135,24 @@ for part in $PARTS; do
       e2e_one_gpu "e2e_student_1gpu_$tag" "ViT-B -> ViT-S KDP student, 1 GPU, $tag" --model kdp-b-s --out "$RUNS/$tag" \
         --teacher "${TEACHER:-$RUNS/$tag/coda-b/checkpoints/last.ckpt}" -- "${lev[@]}"
       [ -z "${TEACHER:-}" ] && project "projection_$tag" "e2e_teacher_1gpu_$tag" "e2e_student_1gpu_$tag" ;;
+    compile)
+      note "GPU test: compiled passes through CUDA graphs (plain / compiled training pass), a padded remainder batch"
+      python3 -m pytest -m gpu tests/gpu/test_gpu_compile_graphs.py -q -p no:cacheprovider -rA \
+        > "$OUT/gpu_tests_compile.log" 2>&1
+      keep; tail -8 "$OUT/gpu_tests_compile.log"
+      for flags in "" "--compile" "--compile --compile-training-pass" \
+                   "--compile --compile-training-pass --patch-embed-gemm"; do
+        name=throughput_bf16${flags:+_$(echo "$flags" | tr -d ' -' )}
+        note "throughput b-s bf16 ${flags:-(defaults)}"
+        # shellcheck disable=SC2086
+        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flags \
+          > "$OUT/$name.log" 2>&1
+        keep; tail -6 "$OUT/$name.log"
+      done
+      note "check_fast_paths --compile --compile-training-pass (measured deviation from eager)"
+      python3 benchmarks/check_fast_paths.py --compile --compile-training-pass \
+        > "$OUT/check_fast_paths_compile_training_pass.log" 2>&1
+      keep; tail -25 "$OUT/check_fast_paths_compile_training_pass.log" ;;
     levers)
       note "ops.py (single ops alone on the GPU)"
       python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1

@@ -73,6 +73,7 @@ class Settings:
     graph_prompts: bool = False
     concurrent_teacher: bool = True
     patch_embed_gemm: bool = False
+    compile_training_pass: bool = False
 
 
 @dataclass
@@ -122,6 +123,7 @@ def prepare(model: PromptLearner, s: Settings) -> PromptLearner:
         # dynamo keeps a few entries per code object (`Module._call_impl` is one for every ViT), then runs eagerly
         torch._dynamo.reset()
         model.fast_paths.compile = True
+        model.fast_paths.compile_training_pass = s.compile_training_pass
         model.configure_model()
     return model
 
@@ -279,6 +281,7 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
            "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs, "graph_prompts": s.graph_prompts,
            "concurrent_teacher": s.concurrent_teacher, "patch_embed_gemm": s.patch_embed_gemm,
+           "compile_training_pass": s.compile_training_pass,
            "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "tiny": s.tiny, "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
@@ -317,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="compile=True: torch.compile every frozen ViT pass "
                         "(prompted forward and query pass, the teacher's too); the gradient-free ones are then "
                         "captured into the CUDA graphs (with --no-cuda-graphs: compiled, ungraphed). Not bitwise")
+    parser.add_argument("--compile-training-pass", action="store_true", help="with --compile: capture the compiled "
+                        "prompted training pass (forward and backward) in the CUDA graphs instead of the plain one "
+                        "(FastPaths.compile_training_pass; experimental)")
     parser.add_argument("--fp32-frozen-weights", action="store_true", help="bf16 cases: keep the frozen weights in "
                         "fp32 (autocast re-casts them every pass), i.e. cast_frozen_weights=False")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the gradient-free passes eagerly, i.e. "
@@ -333,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
     args = parser.parse_args(argv)
+    if args.compile_training_pass and not args.compile:
+        parser.error("--compile-training-pass needs --compile")
     warnings.filterwarnings("ignore", message="Attribute 'method' is an instance of `nn.Module`")  # harmless
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
                  not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts,
-                 not args.no_concurrent_teacher, args.patch_embed_gemm)
+                 not args.no_concurrent_teacher, args.patch_embed_gemm, args.compile_training_pass)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

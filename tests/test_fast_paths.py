@@ -661,6 +661,14 @@ def test_compile_with_cuda_graphs_graphs_the_compiled_passes_and_the_plain_train
     # graphs without compile: the training pass graphs the ViT itself
     with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
         assert PromptLearner(backbone=tiny_vit_config, task_sizes=[2, 2]).fast_paths.training_pass(vit, True).vit is vit
+    # compile_training_pass (experimental): the graphed training pass runs the compiled call
+    paths.runners.clear()
+    paths.compile_training_pass = True
+    with mock.patch.object(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda"):
+        runner = paths.training_pass(vit, on_cuda=True)
+    assert runner.vit is vit and "compile_training_pass=True" in repr(paths)
+    runner(images, {1: (pk, pv)}, return_blocks=True)
+    assert len(compiled_calls) == 2
 
 
 class _FakeCUDAGraph:

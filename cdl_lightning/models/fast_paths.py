@@ -62,6 +62,10 @@ class FastPaths:
             (NaN losses on an H200 before that fix), and the default-priority pool hands its 32 streams out again and
             again. (The teacher's kernels so run at a higher priority than the student's; the speed-up quoted for
             `Distiller`'s ``concurrent_teacher`` was measured with the default priority, not re-measured since.)
+        compile_training_pass: with ``compile`` and ``cuda_graphs``, capture the *compiled* prompted training pass
+            (forward and backward) in `training_pass`'s graphs instead of the plain one (`PlainForward`). Experimental
+            and off: not yet run on a GPU (2026-12-07); set it on the instance before the first step
+            (``model.fast_paths.compile_training_pass = True``; ``benchmarks/throughput.py --compile-training-pass``).
         patch_embed_gemm: `patch_embed_` runs the frozen ViTs' patch embedding (timm's ``PatchEmbed``: a Conv2d with
             kernel == stride == patch size) as a reshape and one GEMM (`cdl_lightning.nn.vit.GemmPatchEmbed`) in every
             pass, prompted and query. Not bitwise equal to the convolution (another summation order;
@@ -76,6 +80,7 @@ class FastPaths:
     def __init__(
         self, compile: bool = False, cast_frozen_weights: bool = True, cuda_graphs: bool = True,
         graph_prompts: bool = False, side_stream: bool = False, patch_embed_gemm: bool = False,
+        compile_training_pass: bool = False,
     ) -> None:
         self.compile = compile
         self.cast_frozen_weights = cast_frozen_weights
@@ -83,6 +88,7 @@ class FastPaths:
         self.graph_prompts = graph_prompts
         self.side_stream = side_stream
         self.patch_embed_gemm = patch_embed_gemm
+        self.compile_training_pass = compile_training_pass
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
         self._overlap = 0  # open `overlap` scopes
@@ -110,8 +116,9 @@ class FastPaths:
         learned prompt keys differed by up to 9e-10 with this pass graphed and the components by up to 3e-11 with it
         eager (losses bitwise equal; the remaining cause, in the gradient-free graphs, is not established). fp32 steps
         are GPU-bound, so they run this pass eagerly, the smaller deviation. With ``compile`` the graphs capture the
-        ViT's plain (uncompiled) forward and backward (`PlainForward`)."""
-        make = lambda: GraphedTrainingPass(PlainForward(vit) if self.compile else vit)  # noqa: E731
+        ViT's plain (uncompiled) forward and backward (`PlainForward`), unless ``compile_training_pass``."""
+        plain = self.compile and not self.compile_training_pass
+        make = lambda: GraphedTrainingPass(PlainForward(vit) if plain else vit)  # noqa: E731
         return self._training_runner("train", make, on_cuda)  # type: ignore[return-value]
 
     def prompt_pass(self, pool: nn.Module | None, on_cuda: bool) -> GraphedPromptPass | None:
@@ -228,7 +235,8 @@ class FastPaths:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(compile={self.compile}, cast_frozen_weights={self.cast_frozen_weights}, "
                 f"cuda_graphs={self.cuda_graphs}, graph_prompts={self.graph_prompts}, side_stream={self.side_stream}, "
-                f"patch_embed_gemm={self.patch_embed_gemm}, runners={sorted(self.runners)})")
+                f"patch_embed_gemm={self.patch_embed_gemm}, compile_training_pass={self.compile_training_pass}, "
+                f"runners={sorted(self.runners)})")
 
 
 RECOMPILE_LIMIT = 64

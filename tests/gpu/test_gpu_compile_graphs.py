@@ -1,7 +1,9 @@
 """``compile=True`` with ``cuda_graphs`` (opt-in, not bitwise): the compiled gradient-free passes (query, teacher,
 evaluation) are captured into `GraphedFunction`'s CUDA graphs and replayed, nothing is compiled under capture (no
 runner falls back to eager), the replays give what the compiled passes give without graphs, and the whole thing stays
-within bf16 rounding of the eager run. The graphed training pass captures the ViT's plain forward (`PlainForward`).
+within bf16 rounding of the eager run. The graphed training pass captures the ViT's plain forward (`PlainForward`),
+or with ``compile_training_pass`` (experimental) its compiled call. A smaller evaluation batch runs padded into the
+compiled batch size (`BatchPadding`), nothing compiled for it.
 
 Tiny ViTs (a CODA teacher of width 64, a KDP student of width 32, 32 px) under bf16 autocast, trained by hand a few
 steps. The measured deviation at the paper's widths comes from ``benchmarks/check_fast_paths.py --compile``.
@@ -32,12 +34,13 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return teacher_checkpoint_file(teacher, tmp_path_factory.mktemp("teacher"))
 
 
-def student(checkpoint: str, **flags: bool) -> Distiller:
+def student(checkpoint: str, compile_training_pass: bool = False, **flags: bool) -> Distiller:
     """A KDP student on CUDA at task 0, frozen weights in bf16 (what a bf16-mixed trainer's setup does), its
     ``configure_model`` run (with ``compile``: the ViTs' passes compiled, lazily)."""
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=STUDENT_VIT, prompt=CODA,
                       task_sizes=TASK_SIZES, epochs_per_task=1, **flags)
+    model.fast_paths.compile_training_pass = compile_training_pass
     model.log = lambda *args, **kwargs: None  # no trainer
     model = model.cuda()
     model.open_task(0)
@@ -73,13 +76,14 @@ def close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, what: str, scale
     assert torch.isfinite(a).all() and diff <= bound, f"{what}: max |diff| {diff:.3g} > {bound:.3g}"
 
 
-def test_compiled_passes_replay_from_cuda_graphs_within_bf16_of_eager(teacher_checkpoint):
+@pytest.mark.parametrize("compile_training_pass", [False, True], ids=["plain_training_pass", "compiled_training_pass"])
+def test_compiled_passes_replay_from_cuda_graphs_within_bf16_of_eager(teacher_checkpoint, compile_training_pass):
     torch._dynamo.reset()
     generator = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.rand(BATCH, 3, 32, 32, device="cuda", generator=generator),
                 torch.randint(0, TASK_SIZES[0], (BATCH,), device="cuda", generator=generator),
                 torch.zeros(BATCH, dtype=torch.long, device="cuda")) for _ in range(STEPS)]
-    compiled = student(teacher_checkpoint, compile=True)
+    compiled = student(teacher_checkpoint, compile_training_pass, compile=True)
     assert compiled.uses_cuda_graphs and compiled.classifier.backbone._compiled_call_impl is not None
     compiled_losses = train(compiled, batches)
     runners = compiled.graph_runners
@@ -87,7 +91,8 @@ def test_compiled_passes_replay_from_cuda_graphs_within_bf16_of_eager(teacher_ch
     assert counters(compiled) == {"query": (1, STEPS - 1), "teacher": (1, STEPS - 1), "train": (1, STEPS - 1)}, \
         counters(compiled)
     assert {name: r.disabled_reason for name, r in runners.items()} == dict.fromkeys(runners)
-    assert isinstance(runners["train"].vit, PlainForward)  # the graphed training pass: the plain forward
+    # the graphed training pass: the plain forward, or (compile_training_pass) the ViT's compiled call
+    assert isinstance(runners["train"].vit, PlainForward) != compile_training_pass
     compiled_out = gradient_free(compiled, batches[0][0])
     assert counters(compiled)["query"] == (1, STEPS) and counters(compiled)["teacher"] == (1, STEPS)  # replayed
     # the replays give what the same compiled passes give without graphs
