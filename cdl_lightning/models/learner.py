@@ -306,7 +306,7 @@ class PromptLearner(LightningModule):
         """The trainer's data module's training and evaluation batch sizes, those it has (none without a trainer)."""
         try:
             datamodule = self.trainer.datamodule
-        except RuntimeError:  # not attached to a trainer
+        except (RuntimeError, AttributeError):  # not attached to a trainer; Fabric's trainer shim has no datamodule
             return ()
         sizes = (getattr(datamodule, "batch_size", None), getattr(datamodule, "eval_batch_size", None))
         return tuple(size for size in sizes if isinstance(size, int))
