@@ -118,7 +118,7 @@ def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_
         torch.testing.assert_close(model(images[:5], 1), eager(images[:5], 1), rtol=1e-5, atol=1e-6)
         assert counter.frame_count == 2 * frames
     vit = model.classifier.backbone
-    for padded in (vit._compiled_call_impl, vit.vit.forward_features):
+    for padded in (vit._compiled_call_impl, vit.query_pass):
         assert padded.sizes == {4, 6} and padded.padded_calls == 4
     torch._dynamo.reset()
 
@@ -168,3 +168,32 @@ def test_calls_without_a_batched_tensor_run_as_they_are():
     padded(torch.ones(4, 2))
     out = padded(torch.ones(0, 2))  # an empty batch runs as itself and is no known size
     assert out.shape == (0, 2) and padded.padded_calls == 0 and padded.sizes == {4}
+
+
+def test_a_copied_or_pickled_compiled_learner_runs_its_own_weights(monkeypatch, tiny_vit_config):
+    """The compiled passes read the ViT they were compiled from: a deep copy (or an unpickled model) drops them, as
+    ``nn.Module.compile``'s own compiled call is dropped, and runs its own weights eagerly until compiled again."""
+    import copy
+    import pickle
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend=counter, **kwargs))
+    model = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS["coda"], task_sizes=[2, 2], compile=True,
+                          cuda_graphs=False).eval()
+    model.configure_model()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        query = model.query(images)
+        for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            vit = other.classifier.backbone
+            assert vit.query_pass is None and vit._compiled_call_impl is None
+            torch.testing.assert_close(other.query(images), query, rtol=0, atol=0)
+            vit.vit.norm.weight.mul_(2)  # the copy's own weights change its query, not the original's
+            assert not torch.allclose(other.query(images), query)
+        torch.testing.assert_close(model.query(images), query, rtol=0, atol=0)
+    assert model.classifier.backbone.query_pass is not None
+    torch._dynamo.reset()

@@ -361,3 +361,13 @@ def test_reviewkd_needs_a_teacher_at_least_as_deep(student):
     method = ReviewKD()
     with pytest.raises(ValueError, match="deep"):
         method.bind(shape(student), ModelShape(64, 2, NUM_CLASSES))
+
+
+@pytest.mark.parametrize("method", [LogitKD(temperature=3.0), DKD(), KDP()], ids=["logit", "dkd", "kdp"])
+def test_methods_deep_copy_and_pickle_with_their_spec(method):
+    """``copy.deepcopy`` / pickle call ``__new__`` bare (`RecordsInitArgs`): the copy keeps the spec."""
+    import copy
+    import pickle
+
+    for other in (copy.deepcopy(method), pickle.loads(pickle.dumps(method))):
+        assert type(other) is type(method) and other.spec() == method.spec()

@@ -259,6 +259,20 @@ def test_coda_spec_rebuilds_identical_pool():
         assert n == m and torch.equal(p, r)
 
 
+@pytest.mark.parametrize("make", ["coda", "l2p", "dual"])
+def test_pools_deep_copy_and_pickle_with_their_spec(make):
+    """``copy.deepcopy`` and pickle (``ddp_spawn``, Lightning's weight-averaging callbacks) call ``__new__`` without
+    the constructor's arguments; the copy keeps the spec and the parameters."""
+    import copy
+    import pickle
+
+    pool = {"coda": lambda: coda(seed=3), "l2p": lambda: l2p(), "dual": lambda: dual()}[make]()
+    for other in (copy.deepcopy(pool), pickle.loads(pickle.dumps(pool))):
+        assert type(other) is type(pool) and other.spec() == pool.spec()
+        for (n, p), (m, r) in zip(pool.named_parameters(), other.named_parameters(), strict=True):
+            assert n == m and torch.equal(p, r)
+
+
 # ======================================================================================================= L2P
 def l2p(**kwargs) -> L2P:
     torch.manual_seed(0)

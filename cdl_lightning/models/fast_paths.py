@@ -223,8 +223,7 @@ class FastPaths:
         for vit in vits:
             vit.compile(dynamic=False)  # the prompted forward
             vit._compiled_call_impl = BatchPadding(vit._compiled_call_impl, batch_sizes)
-            query = torch.compile(vit.vit.forward_features, dynamic=False)
-            vit.vit.forward_features = BatchPadding(query, batch_sizes)
+            vit.query_pass = BatchPadding(torch.compile(vit.vit.forward_features, dynamic=False), batch_sizes)
         self._compiled = True
 
     def reset(self) -> None:

@@ -15,7 +15,12 @@ class RecordsInitArgs:
 
     def __new__(cls, *args: Any, **kwargs: Any):
         obj = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            if args or kwargs:
+                raise
+            return obj  # a bare ``__new__`` (copy.deepcopy, pickle): ``__dict__``, ``_init_args`` too, is restored next
         obj._init_args = dict(list(bound.arguments.items())[1:])
         return obj
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,15 @@ class PromptedViT(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.matmul_dtype = torch.float32
+        self.query_pass: Callable[[Tensor], Tensor] | None = None
+        """What `query` runs instead of ``vit.forward_features`` when set (``compile=True``: a compiled one, see
+        `cdl_lightning.models.fast_paths.FastPaths.compile_`). Like ``nn.Module.compile``'s compiled call it is not
+        copied or pickled with the module: it reads this ViT's weights, not a copy's."""
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["query_pass"] = None  # bound to this ViT's weights (see ``query_pass``)
+        return state
 
     def cast_matmul_weights_(self, dtype: torch.dtype) -> int:
         """Store the frozen weights and biases of every ``nn.Linear`` and ``nn.Conv2d`` in ``dtype`` (in place).
@@ -334,7 +344,7 @@ class PromptedViT(nn.Module):
     def query(self, images: Tensor) -> Tensor:
         """The prompt query: final-norm class token of the ViT without prompts (``forward_features(x)[:, 0]``)."""
         with self._autocast_if_cast(images):
-            return self.vit.forward_features(self.normalize(images))[:, 0]
+            return (self.query_pass or self.vit.forward_features)(self.normalize(images))[:, 0]
 
 
 class OfflineWeightsError(RuntimeError):
