@@ -36,7 +36,7 @@
 #           --compile-training-pass (experimental) and that with --patch-embed-gemm, then check_fast_paths.py --compile
 #           --compile-training-pass (the measured deviation); then e2e1c / e2e1cg for the real run
 #   e2e1x   e2e1 with the cdl fit arguments in $LEVERS, its results named by $TAG (OUT/e2e_*_1gpu_$TAG.json); with
-#           $TEACHER (a teacher run's last.ckpt) the student alone, e.g.
+#           $TEACHER (a teacher run's last.ckpt) the student alone (so do e2e1c and e2e1cg), e.g.
 #           LEVERS='--model.init_args.patch_embed_gemm true' TAG=gemm bash benchmarks/gpu_checks.sh PACK OUT e2e1x
 #
 # e2e1 and e2e1c end with benchmarks/projection.py on their two runs (the paper-protocol projection,
@@ -88,6 +88,28 @@ e2e_one_gpu() {
   keep; tail -12 "$OUT/$name.log"
 }
 
+# e2e_levers TAG [cdl fit args...]: e2e1 with those arguments, the teacher, then the student it taught, and their
+# projection (OUT/e2e_{teacher,student}_1gpu_TAG.json, OUT/projection_TAG.log); with $TEACHER (a teacher run's
+# last.ckpt) the student alone, taught by it
+e2e_levers() {
+  local tag=$1; shift
+  if [ -z "${TEACHER:-}" ]; then
+    e2e_one_gpu "e2e_teacher_1gpu_$tag" "ViT-B CODA teacher, 1 GPU, $tag" --model coda-b --out "$RUNS/$tag" -- "$@"
+  fi
+  e2e_one_gpu "e2e_student_1gpu_$tag" "ViT-B -> ViT-S KDP student, 1 GPU, $tag" --model kdp-b-s --out "$RUNS/$tag" \
+    --teacher "${TEACHER:-$RUNS/$tag/coda-b/checkpoints/last.ckpt}" -- "$@"
+  if [ -z "${TEACHER:-}" ]; then project "projection_$tag" "e2e_teacher_1gpu_$tag" "e2e_student_1gpu_$tag"; fi
+}
+
+# throughput NAME [throughput.py flags...]: throughput.py train-learner + train-distill b-s bf16 -> OUT/NAME.log
+throughput() {
+  local name=$1; shift
+  note "throughput b-s bf16 ${*:-(defaults)}"
+  python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 "$@" \
+    > "$OUT/$name.log" 2>&1
+  keep; tail -6 "$OUT/$name.log"
+}
+
 # project NAME TEACHER STUDENT: benchmarks/projection.py on OUT/TEACHER.json and OUT/STUDENT.json -> OUT/NAME.log
 project() {
   note "projection to 20 epochs per task: $2 + $3"
@@ -111,30 +133,12 @@ for part in $PARTS; do
         --teacher "$RUNS/gpu1/coda-b/checkpoints/last.ckpt"
       project projection e2e_teacher_1gpu e2e_student_1gpu ;;
     e2e1c)
-      e2e_one_gpu e2e_teacher_1gpu_compile "ViT-B CODA teacher, 1 GPU, compile" --model coda-b --out "$RUNS/compile" \
-        -- --model.init_args.compile true
-      e2e_one_gpu e2e_student_1gpu_compile "ViT-B -> ViT-S KDP student, 1 GPU, compile" --model kdp-b-s \
-        --out "$RUNS/compile" --teacher "$RUNS/compile/coda-b/checkpoints/last.ckpt" -- --model.init_args.compile true
-      project projection_compile e2e_teacher_1gpu_compile e2e_student_1gpu_compile ;;
+      e2e_levers compile --model.init_args.compile true ;;
     e2e1cg)
-      e2e_one_gpu e2e_teacher_1gpu_compile_gemm "ViT-B CODA teacher, 1 GPU, compile + patch_embed_gemm" --model coda-b \
-        --out "$RUNS/compile_gemm" -- --model.init_args.compile true --model.init_args.patch_embed_gemm true
-      e2e_one_gpu e2e_student_1gpu_compile_gemm "ViT-B -> ViT-S KDP student, 1 GPU, compile + patch_embed_gemm" \
-        --model kdp-b-s --out "$RUNS/compile_gemm" --teacher "$RUNS/compile_gemm/coda-b/checkpoints/last.ckpt" \
-        -- --model.init_args.compile true --model.init_args.patch_embed_gemm true
-      project projection_compile_gemm e2e_teacher_1gpu_compile_gemm e2e_student_1gpu_compile_gemm ;;
+      e2e_levers compile_gemm --model.init_args.compile true --model.init_args.patch_embed_gemm true ;;
     e2e1x)
-      # e2e1 with the opt-in cdl fit arguments in $LEVERS, results named by $TAG; with $TEACHER (a checkpoint) the
-      # student alone, taught by it
       read -ra lev <<< "${LEVERS:?e2e1x needs LEVERS, e.g. LEVERS='--model.init_args.patch_embed_gemm true'}"
-      tag=${TAG:?e2e1x needs TAG}
-      if [ -z "${TEACHER:-}" ]; then
-        e2e_one_gpu "e2e_teacher_1gpu_$tag" "ViT-B CODA teacher, 1 GPU, $tag" --model coda-b --out "$RUNS/$tag" \
-          -- "${lev[@]}"
-      fi
-      e2e_one_gpu "e2e_student_1gpu_$tag" "ViT-B -> ViT-S KDP student, 1 GPU, $tag" --model kdp-b-s --out "$RUNS/$tag" \
-        --teacher "${TEACHER:-$RUNS/$tag/coda-b/checkpoints/last.ckpt}" -- "${lev[@]}"
-      [ -z "${TEACHER:-}" ] && project "projection_$tag" "e2e_teacher_1gpu_$tag" "e2e_student_1gpu_$tag" ;;
+      e2e_levers "${TAG:?e2e1x needs TAG}" "${lev[@]}" ;;
     compile)
       note "GPU test: compiled passes through CUDA graphs (plain / compiled training pass), a padded remainder batch"
       python3 -m pytest -m gpu tests/gpu/test_gpu_compile_graphs.py -q -p no:cacheprovider -rA \
@@ -142,12 +146,8 @@ for part in $PARTS; do
       keep; tail -8 "$OUT/gpu_tests_compile.log"
       for flags in "" "--compile" "--compile --compile-training-pass" \
                    "--compile --compile-training-pass --patch-embed-gemm"; do
-        name=throughput_bf16${flags:+_$(echo "$flags" | tr -d ' -' )}
-        note "throughput b-s bf16 ${flags:-(defaults)}"
         # shellcheck disable=SC2086
-        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flags \
-          > "$OUT/$name.log" 2>&1
-        keep; tail -6 "$OUT/$name.log"
+        throughput "throughput_bf16${flags:+_$(echo "$flags" | tr -d ' -' )}" $flags
       done
       note "check_fast_paths --compile --compile-training-pass (measured deviation from eager)"
       python3 benchmarks/check_fast_paths.py --compile --compile-training-pass \
@@ -158,11 +158,7 @@ for part in $PARTS; do
       python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1
       keep; grep -v '^{' "$OUT/ops.log"
       for flag in "" --compile; do
-        name=throughput_bf16${flag:+_${flag#--}}
-        note "throughput b-s bf16 ${flag:-(defaults)}"
-        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
-          > "$OUT/$name.log" 2>&1
-        keep; tail -6 "$OUT/$name.log"
+        throughput "throughput_bf16${flag:+_${flag#--}}" $flag
       done
       note "check_fast_paths --compile (measured deviation from eager)"
       python3 benchmarks/check_fast_paths.py --compile > "$OUT/check_fast_paths_compile.log" 2>&1
@@ -179,11 +175,7 @@ for part in $PARTS; do
       python3 benchmarks/check_fast_paths.py > "$OUT/check_fast_paths.log" 2>&1
       keep; tail -6 "$OUT/check_fast_paths.log"
       for flag in "" --no-concurrent-teacher --graph-prompts; do
-        name=throughput_bf16${flag:+_${flag#--}}
-        note "throughput b-s bf16 ${flag:-(defaults)}"
-        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
-          > "$OUT/$name.log" 2>&1
-        keep; tail -6 "$OUT/$name.log"
+        throughput "throughput_bf16${flag:+_${flag#--}}" $flag
       done ;;
     gemm)
       note "ops.py: the patch-embedding convolution vs reshape + GEMM, alone"
@@ -197,11 +189,7 @@ for part in $PARTS; do
         > "$OUT/gpu_tests_patch_embed_gemm.log" 2>&1
       keep; tail -12 "$OUT/gpu_tests_patch_embed_gemm.log"
       for flag in "" --patch-embed-gemm; do
-        name=throughput_gemm_part_bf16${flag:+_${flag#--}}  # (levers writes throughput_bf16*)
-        note "throughput b-s bf16 ${flag:-(defaults)}"
-        python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 $flag \
-          > "$OUT/$name.log" 2>&1
-        keep; tail -6 "$OUT/$name.log"
+        throughput "throughput_gemm_part_bf16${flag:+_${flag#--}}" $flag  # (levers writes throughput_bf16*)
       done ;;
     e2e1v)
       for setting in "concurrent_teacher false" "graph_prompts true"; do

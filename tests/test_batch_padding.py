@@ -80,12 +80,10 @@ PROMPTS = {
 }
 
 
-@pytest.mark.parametrize("prompt", sorted(PROMPTS))
-def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_vit_config, prompt):
-    """``compile=True``: the prompted forward and the query pass are compiled with static shapes and wrapped in
-    `BatchPadding`, so an evaluation remainder (any smaller batch) reuses the full batch's compile and a larger batch
-    compiles for itself; dynamo's recompile limit is at least `RECOMPILE_LIMIT`. Counted with dynamo's compile counter
-    (the eager backend: the frames dynamo compiles, no inductor)."""
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """``torch.compile`` with dynamo's compile counter as its backend (the eager backend: the frames dynamo compiles,
+    no inductor); yields the counter and the ``dynamic`` argument of each call."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -98,6 +96,17 @@ def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_
         return compile_(fn, backend=counter, **kwargs)
 
     monkeypatch.setattr(torch, "compile", counted)
+    yield counter, dynamic
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+def test_compiled_vit_passes_compile_once_per_full_batch_size(counted_compile, tiny_vit_config, prompt):
+    """``compile=True``: the prompted forward and the query pass are compiled with static shapes and wrapped in
+    `BatchPadding`, so an evaluation remainder (any smaller batch) reuses the full batch's compile and a larger batch
+    compiles for itself; dynamo's recompile limit is at least `RECOMPILE_LIMIT`. Counted with dynamo's compile
+    counter."""
+    counter, dynamic = counted_compile
     model = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS[prompt], task_sizes=[2, 2], compile=True,
                           cuda_graphs=False).eval()
     eager = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS[prompt], task_sizes=[2, 2], cuda_graphs=False).eval()
@@ -120,7 +129,6 @@ def test_compiled_vit_passes_compile_once_per_full_batch_size(monkeypatch, tiny_
     vit = model.classifier.backbone
     for padded in (vit._compiled_call_impl, vit.query_pass):
         assert padded.sizes == {4, 6} and padded.padded_calls == 4
-    torch._dynamo.reset()
 
 
 def test_arguments_broadcast_over_the_batch_stay_broadcast_in_the_first_calls_layout():
@@ -170,18 +178,12 @@ def test_calls_without_a_batched_tensor_run_as_they_are():
     assert out.shape == (0, 2) and padded.padded_calls == 0 and padded.sizes == {4}
 
 
-def test_a_copied_or_pickled_compiled_learner_runs_its_own_weights(monkeypatch, tiny_vit_config):
+def test_a_copied_or_pickled_compiled_learner_runs_its_own_weights(counted_compile, tiny_vit_config):
     """The compiled passes read the ViT they were compiled from: a deep copy (or an unpickled model) drops them, as
     ``nn.Module.compile``'s own compiled call is dropped, and runs its own weights eagerly until compiled again."""
     import copy
     import pickle
 
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("eager")
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend=counter, **kwargs))
     model = PromptLearner(backbone=tiny_vit_config, prompt=PROMPTS["coda"], task_sizes=[2, 2], compile=True,
                           cuda_graphs=False).eval()
     model.configure_model()
@@ -196,4 +198,3 @@ def test_a_copied_or_pickled_compiled_learner_runs_its_own_weights(monkeypatch, 
             assert not torch.allclose(other.query(images), query)
         torch.testing.assert_close(model.query(images), query, rtol=0, atol=0)
     assert model.classifier.backbone.query_pass is not None
-    torch._dynamo.reset()

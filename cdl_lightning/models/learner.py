@@ -148,7 +148,8 @@ class PromptLearner(LightningModule):
             (four calls a step), for what is a ~15 GFLOP GEMM.
             Not bitwise: the GEMM sums the products in another order than the convolution (float64: within 1e-12);
             ``benchmarks/check_fast_paths.py --patch-embed-gemm`` measures the deviation from the convolution, and
-            ``benchmarks/throughput.py --patch-embed-gemm`` the speed (not measured on a GPU yet). Off by default. A
+            ``benchmarks/throughput.py --patch-embed-gemm`` the speed (H100: the B->S step 6% faster,
+            ``benchmarks/measured/2026-12-07_h100``). Off by default. A
             ViT whose patch embedding cannot run so (``dynamic_img_size``, padding, another embed layer) keeps its
             convolution, with a warning naming why. Checkpoints and weights are unchanged (same ``state_dict`` keys).
     """

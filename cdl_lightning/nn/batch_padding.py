@@ -58,15 +58,13 @@ class BatchPadding:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         batch = _batch_size(args, kwargs)
-        if not batch:  # no batched tensor, or an empty batch
+        if not batch or batch in self._layouts:  # no batched tensor, an empty batch, or a size run before (the rule)
             return self.fn(*args, **kwargs)
-        larger = [size for size in self.sizes if size > batch]
-        if batch in self.sizes or not larger:
-            if batch not in self._layouts:
-                self.sizes.add(batch)
-                self._layouts[batch] = _layout((args, kwargs), batch)
+        size = min((known for known in self.sizes if known > batch), default=None)
+        if batch in self.sizes or size is None:  # a known size's first call, or larger than every known size
+            self.sizes.add(batch)
+            self._layouts[batch] = _layout((args, kwargs), batch)
             return self.fn(*args, **kwargs)
-        size = min(larger)
         self.padded_calls += 1
         args, kwargs = _pad_tree((args, kwargs), batch, size, self._layouts.get(size))
         return _map_tensors(self.fn(*args, **kwargs), lambda t: t[:batch] if _batched(t, size) else t)
