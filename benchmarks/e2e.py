@@ -17,7 +17,10 @@ Phase boundaries synchronise the GPU, so a phase holds the GPU work it launched;
 synchronised once per epoch, at the end of its ``STEADY_AFTER``-th batch. ``train`` also gives images per second (all
 ranks) and, when a step rate is known, the fraction of it; ``steady`` gives the same for the training batches after
 each epoch's first ``STEADY_AFTER`` (what a long epoch converges to: a task's first batches pay the graph captures of
-its new shapes and snapshot, an epoch's first ones the loader's start). The step rate is either given
+its new shapes and snapshot, an epoch's first ones the loader's start). ``epochs`` records each epoch's train time and
+images (and its steady part), ``epoch starts`` what each epoch's first batches cost beyond the steady rate: the run's
+first epoch (compilation, first captures), the other tasks' first epochs, the later ones (`projection.py
+--epoch-starts` projects with these). The step rate is either given
 (``--step-rate``, e.g. from ``benchmarks/throughput.py``) or measured after the fit on rank 0 with throughput.py's
 timing (``time_ms``: warm-up, then CUDA-event timed steps) on the fitted model itself (same model, batch size, image
 size, precision, speed paths): ``training_step`` + ``backward`` + Adam step on one fixed random batch of the last task's
@@ -127,6 +130,8 @@ def _timer_class() -> type:
             self.steady_seconds = 0.0  # train time and images after each epoch's first STEADY_AFTER batches
             self.steady_images = 0
             self.steady_since: float | None = None
+            self.epochs: list[dict[str, Any]] = []  # per training epoch: its train seconds / images, and the steady part
+            self.epoch_mark: tuple[float, int, float, int] | None = None  # those totals at the epoch's first batch
             self.first_batch_done: float | None = None
             self.checkpoints = 0  # `trainer.save_checkpoint` calls
             self.cuda = False
@@ -180,6 +185,8 @@ def _timer_class() -> type:
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if self.phase != "train":
                 self.switch("train")
+            if batch_idx == 0:
+                self.epoch_mark = (self.seconds["train"], self.train_images, self.steady_seconds, self.steady_images)
             self.train_images += int(batch[0].shape[0])
             self.train_batches += 1
 
@@ -202,6 +209,14 @@ def _timer_class() -> type:
             if self.phase == "train":
                 self.switch("other")
             self.steady_since = None
+            if self.epoch_mark is not None:  # (validation, if any, ran before this hook and switched the phase)
+                seconds, images, steady_seconds, steady_images = self.epoch_mark
+                self.epochs.append({"epoch": trainer.current_epoch,
+                                    "seconds": round(self.seconds["train"] - seconds, 4),
+                                    "images": self.train_images - images,
+                                    "steady_seconds": round(self.steady_seconds - steady_seconds, 4),
+                                    "steady_images": self.steady_images - steady_images})
+                self.epoch_mark = None
 
         def finish(self) -> dict[str, Any]:
             self.switch("other")
@@ -210,7 +225,7 @@ def _timer_class() -> type:
                     "wall": round(self.last - self.start, 3), "train_images": self.train_images,
                     "train_batches": self.train_batches, "gpu_busy": busy,
                     "steady": {"seconds": round(self.steady_seconds, 3), "images": self.steady_images},
-                    "checkpoints": {"saves": self.checkpoints}}
+                    "checkpoints": {"saves": self.checkpoints}, "epochs": self.epochs}
 
     return PhaseTimer
 
@@ -381,6 +396,27 @@ def cli_args(args: argparse.Namespace, extra: list[str]) -> list[str]:
             "--evaluation.output_dir", str(out / name), *extra]
 
 
+def epoch_starts(epochs: list[dict[str, Any]], epochs_per_task: int) -> dict[str, Any] | None:
+    """What each epoch's first ``STEADY_AFTER`` batches cost beyond the run's steady rate (seconds), by kind: the run's
+    first epoch (compilation, first graph captures, the first loader), the other tasks' first epochs (a new task's
+    shapes and snapshot) and the later epochs of a task (a loader's start, epoch hooks). ``None`` without a steady
+    part. `projection.py --epoch-starts` projects with these."""
+    steady_seconds = sum(e["steady_seconds"] for e in epochs)
+    steady_images = sum(e["steady_images"] for e in epochs)
+    if not epochs or steady_seconds <= 0 or steady_images <= 0:
+        return None
+    rate = steady_images / steady_seconds  # this process's steady img/s
+    extra = [(e["seconds"] - e["steady_seconds"]) - (e["images"] - e["steady_images"]) / rate for e in epochs]
+    task_first = [x for k, x in enumerate(extra) if k and k % epochs_per_task == 0]
+    later = [x for k, x in enumerate(extra) if k % epochs_per_task]
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"run_first_s": round(extra[0], 4), "task_first_s": mean(task_first), "task_first_n": len(task_first),
+            "later_s": mean(later), "later_n": len(later)}
+
+
 def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[str, Any]:
     """Add rates and fractions; print the table and one JSON line."""
     seconds, wall = result["seconds"], result["wall"]
@@ -422,6 +458,16 @@ def report(result: dict[str, Any], step_rate: float | None, world: int) -> dict[
         print(f"steady: {steady['images'] * world} images (each epoch after its first {STEADY_AFTER} batches) in "
               f"{steady['seconds']:.2f} s = {steady['img_per_s']} img/s"
               + (f" -> fraction {fraction:.2f} of the step rate" if fraction else ""))
+    starts = epoch_starts(result.get("epochs", []), result.get("args", {}).get("epochs_per_task", 1))
+    if starts is not None:
+        result["epoch_starts"] = starts
+        parts = [f"the run's first epoch {starts['run_first_s']:+.2f} s"]
+        if starts["task_first_n"]:
+            parts.append(f"each other task's first epoch {starts['task_first_s']:+.3f} s (mean of "
+                         f"{starts['task_first_n']})")
+        if starts["later_n"]:
+            parts.append(f"each later epoch {starts['later_s']:+.3f} s (mean of {starts['later_n']})")
+        print(f"epoch starts (each epoch's first {STEADY_AFTER} batches beyond the steady rate): " + "; ".join(parts))
     print(json.dumps({"bench": "cdl-e2e", **result}), flush=True)
     return result
 

@@ -40,7 +40,7 @@
 #           LEVERS='--model.init_args.patch_embed_gemm true' TAG=gemm bash benchmarks/gpu_checks.sh PACK OUT e2e1x
 #
 # e2e1 and e2e1c end with benchmarks/projection.py on their two runs (the paper-protocol projection,
-# OUT/projection*.log).
+# OUT/projection*.log; with EPOCHS_PER_TASK >= 2 also --epoch-starts, OUT/projection*_epoch_starts.log).
 #
 # Data: the Tiny-ImageNet proxy's 100 continual-learning classes of PACK (tiny-imagenet-32.npz), i.e. entries 102..201
 # of numpy.random.default_rng(0).permutation(202): 50,000 train / 5,000 test images, 32 px upscaled to 224, 10 tasks x
@@ -115,6 +115,10 @@ project() {
   note "projection to 20 epochs per task: $2 + $3"
   python3 benchmarks/projection.py "$OUT/$2.json" "$OUT/$3.json" > "$OUT/$1.log" 2>&1
   keep; grep -v '^{' "$OUT/$1.log"
+  if [ "$EPOCHS_PER_TASK" -ge 2 ]; then  # each epoch's start cost counted per kind of epoch (needs later epochs)
+    python3 benchmarks/projection.py "$OUT/$2.json" "$OUT/$3.json" --epoch-starts > "$OUT/$1_epoch_starts.log" 2>&1
+    keep; grep -v '^{' "$OUT/$1_epoch_starts.log"
+  fi
 }
 
 nvidia-smi -L || true

@@ -59,6 +59,19 @@ def test_e2e_tiny_phases_add_up_to_the_wall_time(tmp_path):
     assert steady["img_per_s"] == round(steady["images"] / steady["seconds"], 1)
     assert steady["fraction_of_step_rate"] is None
     assert f"steady: {steady['images']} images (each epoch after its first 5 batches)" in run.stdout
+    # per epoch (one per task here): the train time and images partition the phase's, the steady part inside each
+    epochs = result["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and [e["images"] for e in epochs] == per_task
+    assert math.isclose(sum(e["seconds"] for e in epochs), seconds["train"], abs_tol=0.01)
+    assert sum(e["steady_images"] for e in epochs) == steady["images"]
+    assert all(0 < e["steady_seconds"] < e["seconds"] for e in epochs)
+    starts = result["epoch_starts"]  # the run's first epoch, the second task's first epoch, no later epochs
+    rate = steady["images"] / sum(e["steady_seconds"] for e in epochs)
+    first = epochs[0]
+    assert starts["run_first_s"] == pytest.approx(
+        first["seconds"] - first["steady_seconds"] - (first["images"] - first["steady_images"]) / rate, abs=2e-3)
+    assert starts["task_first_n"] == 1 and starts["later_n"] == 0 and starts["later_s"] is None
+    assert "epoch starts (each epoch's first 5 batches beyond the steady rate): the run's first epoch" in run.stdout
     printed = next(line for line in run.stdout.splitlines() if line.startswith('{"bench": "cdl-e2e"'))
     assert json.loads(printed)["seconds"] == seconds
     # --profile-steps 5 from the first epoch's third-last batch: cut at its last batch, before validation, so 3
@@ -90,6 +103,43 @@ def test_projection_of_the_committed_packed_snapshot_runs(monkeypatch, capsys):
     assert "over the 15-minute goal" in capsys.readouterr().out
     steady = projection.main([str(measured / "e2e_teacher_1gpu.json"), "--steady", "--goal-minutes", "10"])
     assert steady["stages"][0]["train"] == pytest.approx(150000 / 2240.3 * 20 / 3)
+
+
+def _e2e_result(epochs_per_task: int, epoch_starts: dict | None) -> dict:
+    """An e2e.py result of 2 tasks x ``epochs_per_task`` epochs of 1,000 images at a steady 500 img/s."""
+    result = {"bench": "cdl-e2e", "seconds": {"startup": 10.0, "train": 0.0, "validation": 4.0, "checkpoint": 1.0,
+                                              "other": 0.5},
+              "args": {"epochs_per_task": epochs_per_task, "num_tasks": 2, "model": "kdp-b-s"},
+              "train_images": 2000 * epochs_per_task, "world_size": 1, "steady": {"img_per_s": 500.0}}
+    result["seconds"]["train"] = 4.0 * epochs_per_task + 3.0
+    if epoch_starts is not None:
+        result["epoch_starts"] = epoch_starts
+    return result
+
+
+def test_projection_with_epoch_starts_counts_each_kind_of_epoch(tmp_path, monkeypatch, capsys):
+    """--epoch-starts: all images at the steady rate, plus the run's first epoch's start once, each other task's
+    first epoch's once per task, the later epochs' once per later epoch (not the run's first scaled by P / E)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    projection = importlib.import_module("projection")
+    run = tmp_path / "run.json"
+    starts = {"run_first_s": 2.0, "task_first_s": 0.6, "task_first_n": 1, "later_s": 0.1, "later_n": 2}
+    run.write_text(json.dumps(_e2e_result(2, starts)))
+    stage = projection.main([str(run), "--epoch-starts"])["stages"][0]
+    # 2 tasks x 20 epochs x 1,000 images at 500 img/s; + 2.0 + 1 x 0.6 + 2 x 19 x 0.1
+    assert stage["train"] == pytest.approx(40000 / 500 + 2.0 + 0.6 + 3.8)
+    assert stage["wall"] == pytest.approx(10.0 + 4.0 + stage["train"] + (1.0 + 0.5) * 10)
+    assert "steady train rate + measured epoch starts" in capsys.readouterr().out
+    assert projection.main([str(run), "--steady"])["stages"][0]["train"] == pytest.approx(40000 / 500)
+    assert projection.main([str(run)])["stages"][0]["train"] == pytest.approx((4.0 * 2 + 3.0) * 10)
+    for result, message in ((_e2e_result(2, None), "no per-epoch record"),
+                            (_e2e_result(1, {**starts, "later_s": None, "later_n": 0}), "has no later epochs")):
+        run.write_text(json.dumps(result))
+        with pytest.raises(SystemExit) as exit_info:
+            projection.main([str(run), "--epoch-starts"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        projection.main([str(run), "--steady", "--epoch-starts"])  # one mode at a time
 
 
 def test_projection_refuses_what_is_not_an_e2e_result(tmp_path, monkeypatch, capsys):
