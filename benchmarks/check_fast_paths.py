@@ -24,6 +24,10 @@ them; it exits 1 only if a graph runner fell back to eager (a failed capture, na
 too) against the eager run with the convolution: the printed deviation is the GEMM's (the default fast paths are
 bitwise under bf16, as the default check shows). Nothing is asserted on it either. That the fast paths stay bitwise
 equal to an eager run that also uses the GEMM is ``tests/gpu/test_gpu_patch_embed_gemm.py``'s check.
+
+``--teacher-low-precision`` (opt-in, not bitwise; combines with the others): the same measurement with the fast paths'
+teacher run entirely in bf16 outside autocast (`Distiller.teacher_low_precision_`) against the eager run's autocast
+teacher: the teacher's logits and, through the KD loss, the student's training. Nothing is asserted on it.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ def step_run(fast: bool, checkpoint: str, steps: int, s: tp.Settings) -> tuple[l
     s = tp.Settings(s.device, s.tiny, 0, 0, fast and s.compile, cast_weights=fast, cuda_graphs=fast and s.cuda_graphs,
                     graph_prompts=fast and s.graph_prompts, concurrent_teacher=fast and s.concurrent_teacher,
                     patch_embed_gemm=fast and s.patch_embed_gemm,
-                    compile_training_pass=fast and s.compile_training_pass)
+                    compile_training_pass=fast and s.compile_training_pass,
+                    teacher_low_precision=fast and s.teacher_low_precision)
     torch.manual_seed(0)
     model = Distiller(method=KDP(), teacher_checkpoint=checkpoint, backbone=tp.backbone("S", s), prompt=tp.coda(s),
                       task_sizes=tp.TASK_SIZES, epochs_per_task=1)
@@ -111,7 +116,8 @@ def opt_in_levers(s: tp.Settings) -> list[tuple[str, str]]:
     """The opt-in paths that are not bitwise and are on, as ``(flag, what it does)``."""
     levers = (("--compile", "compiled", s.compile), ("--patch-embed-gemm", "patch embedding as a GEMM",
                                                        s.patch_embed_gemm),
-              ("--compile-training-pass", "the compiled training pass graphed", s.compile_training_pass))
+              ("--compile-training-pass", "the compiled training pass graphed", s.compile_training_pass),
+              ("--teacher-low-precision", "the teacher in bf16 outside autocast", s.teacher_low_precision))
     return [(flag, what) for flag, what, on in levers if on]
 
 
@@ -212,18 +218,22 @@ def main(argv: list[str] | None = None) -> int:
                         "eager run with the convolution; prints the measured deviation; the step check only")
     parser.add_argument("--compile-training-pass", action="store_true", help="with --compile: the compiled prompted "
                         "training pass captured in the CUDA graphs too (experimental)")
-    parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile or --patch-embed-gemm: without "
-                        "CUDA graphs")
+    parser.add_argument("--teacher-low-precision", action="store_true", help="opt-in, not bitwise: the fast paths "
+                        "with teacher_low_precision=True (the teacher entirely in bf16 outside autocast) against the "
+                        "eager run's autocast teacher; prints the measured deviation; the step check only")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="with --compile, --patch-embed-gemm or "
+                        "--teacher-low-precision: without CUDA graphs")
     args = parser.parse_args(argv)
-    if args.no_cuda_graphs and not (args.compile or args.patch_embed_gemm):
-        parser.error("--no-cuda-graphs goes with --compile or --patch-embed-gemm (without them there is no fast path "
-                     "left to check)")
+    if args.no_cuda_graphs and not (args.compile or args.patch_embed_gemm or args.teacher_low_precision):
+        parser.error("--no-cuda-graphs goes with --compile, --patch-embed-gemm or --teacher-low-precision (without "
+                     "them there is no fast path left to check)")
     if args.compile_training_pass and not args.compile:
         parser.error("--compile-training-pass needs --compile")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = tp.Settings(device, args.tiny, 0, 0, args.compile, cuda_graphs=not args.no_cuda_graphs,
                     graph_prompts=args.graph_prompts, concurrent_teacher=not args.no_concurrent_teacher,
-                    patch_embed_gemm=args.patch_embed_gemm, compile_training_pass=args.compile_training_pass)
+                    patch_embed_gemm=args.patch_embed_gemm, compile_training_pass=args.compile_training_pass,
+                    teacher_low_precision=args.teacher_low_precision)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     ok = check_steps(args.steps, s)
     if measuring(s):

@@ -130,7 +130,7 @@ def _timer_class() -> type:
             self.steady_seconds = 0.0  # train time and images after each epoch's first STEADY_AFTER batches
             self.steady_images = 0
             self.steady_since: float | None = None
-            self.epochs: list[dict[str, Any]] = []  # per training epoch: its train seconds / images, and the steady part
+            self.epochs: list[dict[str, Any]] = []  # per training epoch: train seconds / images, and the steady part
             self.epoch_mark: tuple[float, int, float, int] | None = None  # those totals at the epoch's first batch
             self.first_batch_done: float | None = None
             self.checkpoints = 0  # `trainer.save_checkpoint` calls

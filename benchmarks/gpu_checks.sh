@@ -35,6 +35,12 @@
 #           throughput.py train-learner + train-distill b-s bf16 with the defaults, --compile, --compile
 #           --compile-training-pass (experimental) and that with --patch-embed-gemm, then check_fast_paths.py --compile
 #           --compile-training-pass (the measured deviation); then e2e1c / e2e1cg for the real run
+#   lowp    the opt-in teacher_low_precision (the distiller's frozen teacher entirely in bf16 outside autocast): ops.py
+#           (its bf16 add and LayerNorm against the fp32 ones, and the prefix join as cat vs copies), its GPU
+#           test (fast paths == eager bitwise with the flag on in both; within bf16 of the autocast teacher),
+#           check_fast_paths.py --teacher-low-precision (measured deviation), then throughput.py train-distill b-s bf16
+#           with the defaults, --teacher-low-precision, + --patch-embed-gemm, + --compile (same machine). In the real
+#           run: LEVERS='--model.init_args.teacher_low_precision true' TAG=lowp TEACHER=... e2e1x
 #   e2e1x   e2e1 with the cdl fit arguments in $LEVERS, its results named by $TAG (OUT/e2e_*_1gpu_$TAG.json); with
 #           $TEACHER (a teacher run's last.ckpt) the student alone (so do e2e1c and e2e1cg), e.g.
 #           LEVERS='--model.init_args.patch_embed_gemm true' TAG=gemm bash benchmarks/gpu_checks.sh PACK OUT e2e1x
@@ -105,7 +111,8 @@ e2e_levers() {
 throughput() {
   local name=$1; shift
   note "throughput b-s bf16 ${*:-(defaults)}"
-  python3 benchmarks/throughput.py --cases train-learner train-distill --pairs b-s --precision bf16 "$@" \
+  # shellcheck disable=SC2086  # $CASES: several words
+  python3 benchmarks/throughput.py --cases ${CASES:-train-learner train-distill} --pairs b-s --precision bf16 "$@" \
     > "$OUT/$name.log" 2>&1
   keep; tail -6 "$OUT/$name.log"
 }
@@ -157,6 +164,22 @@ for part in $PARTS; do
       python3 benchmarks/check_fast_paths.py --compile --compile-training-pass \
         > "$OUT/check_fast_paths_compile_training_pass.log" 2>&1
       keep; tail -25 "$OUT/check_fast_paths_compile_training_pass.log" ;;
+    lowp)
+      note "ops.py (single ops alone: the bf16 residual stream's add and LayerNorm, the prefix join)"
+      python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1
+      keep; grep -v '^{' "$OUT/ops.log"
+      note "GPU test: a low-precision teacher, fast paths == eager with it; within bf16 of the autocast teacher"
+      python3 -m pytest -m gpu tests/gpu/test_gpu_teacher_low_precision.py -q -p no:cacheprovider -rA \
+        > "$OUT/gpu_tests_teacher_low_precision.log" 2>&1
+      keep; tail -8 "$OUT/gpu_tests_teacher_low_precision.log"
+      note "check_fast_paths --teacher-low-precision (measured deviation from the autocast teacher)"
+      python3 benchmarks/check_fast_paths.py --teacher-low-precision > "$OUT/check_fast_paths_lowp.log" 2>&1
+      keep; tail -20 "$OUT/check_fast_paths_lowp.log"
+      for flags in "" "--teacher-low-precision" "--teacher-low-precision --patch-embed-gemm" \
+                   "--teacher-low-precision --patch-embed-gemm --compile"; do
+        # shellcheck disable=SC2086
+        CASES=train-distill throughput "throughput_distill_bf16${flags:+_$(echo "$flags" | tr -d ' -')}" $flags
+      done ;;
     levers)
       note "ops.py (single ops alone on the GPU)"
       python3 benchmarks/ops.py > "$OUT/ops.log" 2>&1

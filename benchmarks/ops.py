@@ -11,7 +11,12 @@ prints, for each replacement, the largest difference from the op it would replac
   rounding may differ from the convolution's);
 - ``residual-add``: the residual stream's ``x + y`` with ``x`` fp32 and ``y`` bf16 (autocast's Linear output), as
   PyTorch runs it (one mixed-dtype kernel), and as ``x + y.float()`` (a cast and a same-dtype add; bitwise the same);
-- ``layer-norm``: ``F.layer_norm`` of the fp32 residual stream (autocast runs it in fp32), bytes moved vs the time.
+- ``layer-norm``: ``F.layer_norm`` of the fp32 residual stream (autocast runs it in fp32), bytes moved vs the time;
+- ``bf16-stream``: the same add and LayerNorm with the residual stream in bf16, as a distiller's
+  ``teacher_low_precision`` runs its teacher (half the bytes; not bitwise: the difference is from the fp32 op);
+- ``prefix-kv``: a prompt prefix joined to the keys (`cdl_lightning.nn.vit.prefix_attention`: ``torch.cat`` of the
+  batch-broadcast prefix and the key view of the qkv projection), and the same tensor written by two ``copy_`` into
+  one allocation (the same bits).
 
 Each row prints the achieved bandwidth or TFLOP/s, so a slow kernel shows against the GPU's peak.
 
@@ -107,6 +112,36 @@ def rows_for(arch: str, batch: int, size: int, patch: int, device: torch.device,
     seconds = run(lambda: F.layer_norm(x, (width,), ln_w, ln_b))
     out.append({"op": "layer-norm", "arch": arch, "variant": "F.layer_norm fp32", "us": seconds * 1e6,
                 "gb_per_s": x.numel() * 8 / seconds / 1e9, "max_diff": 0.0})
+
+    xb, ln_wb, ln_bb = x.to(dtype), ln_w.to(dtype), ln_b.to(dtype)
+    for name, fn, moved, fp32 in (
+            ("x + y (both bf16)", lambda: xb + y, x.numel() * 6, reference),
+            ("F.layer_norm bf16", lambda: F.layer_norm(xb, (width,), ln_wb, ln_bb), x.numel() * 4,
+             F.layer_norm(x, (width,), ln_w, ln_b))):
+        seconds = run(fn)
+        out.append({"op": "bf16-stream", "arch": arch, "variant": name, "us": seconds * 1e6,
+                    "gb_per_s": moved / seconds / 1e9, "max_diff": max_diff(fn(), fp32)})
+
+    heads, head_dim, length = width // 64, 64, 4  # ViT-S/B heads of 64; a CODA prompt of 8 = 4 key + 4 value rows
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=device, generator=gen).to(dtype)
+    keys = qkv.unbind(2)[1]  # B x N x H x hd, a strided view (as prefix_attention has it)
+    prefix = torch.randn(1, length, width, device=device, generator=gen).to(dtype)
+
+    def cat():
+        return torch.cat([prefix.expand(batch, -1, -1).reshape(batch, -1, heads, head_dim), keys], dim=1)
+
+    def copies():
+        joined = torch.empty(batch, length + tokens, heads, head_dim, device=device, dtype=dtype)
+        joined[:, :length].copy_(prefix.view(1, length, heads, head_dim))
+        joined[:, length:].copy_(keys)
+        return joined
+
+    reference = cat()
+    moved = 2 * (batch * tokens * width * 2) + batch * length * width * 2  # read the keys, write them and the prefix
+    for name, fn in (("torch.cat", cat), ("empty + 2 copy_", copies)):
+        seconds = run(fn)
+        out.append({"op": "prefix-kv", "arch": arch, "variant": name, "us": seconds * 1e6,
+                    "gb_per_s": moved / seconds / 1e9, "max_diff": max_diff(fn(), reference)})
     return out
 
 

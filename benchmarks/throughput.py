@@ -17,7 +17,9 @@ compiled in the warm-up steps; with CUDA graphs (the default) the compiled gradi
 with ``--no-cuda-graphs`` they run compiled, ungraphed. Not bitwise equal to eager (``check_fast_paths.py --compile``
 measures the deviation). ``--patch-embed-gemm``: ``patch_embed_gemm=True``, every frozen ViT's patch-embedding
 convolution run as reshape + one GEMM (opt-in, not bitwise: ``check_fast_paths.py --patch-embed-gemm`` measures the
-deviation). A pass whose capture failed runs eagerly: its row then says so (``graphs fell back``).
+deviation). ``--teacher-low-precision``: ``teacher_low_precision=True``, a distiller's frozen teacher run entirely in
+bf16 outside autocast in the bf16 cases (opt-in, not bitwise: ``check_fast_paths.py --teacher-low-precision``).
+A pass whose capture failed runs eagerly: its row then says so (``graphs fell back``).
 Peak memory: ``torch.cuda.max_memory_allocated`` since a reset at the start of each case (weights included).
 ``--query reference``: teacher-side models take their student architecture's query as in the CDL reference (B -> S,
 L -> B), shared by teacher and student in ``train-distill``. ``--tiny``: tiny ViTs (32 px, patch 8, depth 4, widths
@@ -74,6 +76,7 @@ class Settings:
     concurrent_teacher: bool = True
     patch_embed_gemm: bool = False
     compile_training_pass: bool = False
+    teacher_low_precision: bool = False
 
 
 @dataclass
@@ -207,7 +210,12 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
 
 def set_precision(model: PromptLearner, precision: str, s: Settings) -> None:
     """Frozen matmul weights in bf16 for bf16 cases (as a ``bf16-mixed`` trainer's setup does), else fp32."""
+    low = isinstance(model, Distiller) and s.teacher_low_precision
+    if low:
+        model.teacher_low_precision_(None)  # (fp32 storage first: the matmul weights may change dtype next)
     model.cast_frozen_weights_(torch.bfloat16 if precision == "bf16" and s.cast_weights else torch.float32)
+    if low and precision == "bf16":
+        model.teacher_low_precision_(torch.bfloat16)  # as a bf16-mixed trainer's setup does with the flag
     model.fast_paths.reset()  # free the graphs of the previous case
 
 
@@ -281,7 +289,7 @@ def print_environment(s: Settings, args: argparse.Namespace) -> None:
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "compile": s.compile,
            "cast_frozen_weights": s.cast_weights, "cuda_graphs": s.cuda_graphs, "graph_prompts": s.graph_prompts,
            "concurrent_teacher": s.concurrent_teacher, "patch_embed_gemm": s.patch_embed_gemm,
-           "compile_training_pass": s.compile_training_pass,
+           "compile_training_pass": s.compile_training_pass, "teacher_low_precision": s.teacher_low_precision,
            "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "tiny": s.tiny, "warmup": s.warmup, "steps": s.steps, "batch": args.batch, "large_batch": args.large_batch,
            "query": args.query, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
@@ -334,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-embed-gemm", action="store_true", help="patch_embed_gemm=True: every frozen ViT's "
                         "patch-embedding convolution as reshape + one GEMM. Not bitwise (check_fast_paths.py "
                         "--patch-embed-gemm measures the deviation)")
+    parser.add_argument("--teacher-low-precision", action="store_true", help="train-distill, bf16: "
+                        "teacher_low_precision=True, the frozen teacher entirely in bf16 outside autocast. Not bitwise "
+                        "(check_fast_paths.py --teacher-low-precision measures the deviation)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True (the "
                         "Trainer's `benchmark: true`): cuDNN times its algorithms for the patch-embedding convolution")
     parser.add_argument("--tiny", action="store_true", help="tiny ViTs at 32 px on CPU: a smoke test")
@@ -349,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(device, args.tiny, args.warmup if args.warmup is not None else (1 if args.tiny else 10),
                  args.steps if args.steps is not None else (2 if args.tiny else 30), args.compile,
                  not args.fp32_frozen_weights, not args.no_cuda_graphs, args.graph_prompts,
-                 not args.no_concurrent_teacher, args.patch_embed_gemm, args.compile_training_pass)
+                 not args.no_concurrent_teacher, args.patch_embed_gemm, args.compile_training_pass,
+                 args.teacher_low_precision)
     print_environment(s, args)
     start = time.perf_counter()
     results = list(learner_cases(args, s)) if {"train-learner", "infer"} & set(args.cases) else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +134,17 @@ class Distiller(PromptLearner):
             batch 64; the second stream then had the default priority, now the high one): the ViT-B -> ViT-S KDP
             step 2,177 -> 2,265 img/s, a real 10-task run's training 1,701 -> 1,727 img/s. ``False`` runs the
             teacher first.
+        teacher_low_precision: under a ``bf16-mixed`` trainer, run the frozen teacher entirely in bf16, outside
+            autocast (`teacher_low_precision_`): its ViTs' LayerNorms, position embedding and residual stream, its
+            prompts and head too, not only the matmul weights; its outputs are bf16 (the losses compute in fp32).
+            Autocast keeps a ViT's residual stream in fp32, so every LayerNorm, residual add and matmul input cast of
+            the teacher's passes (most of a KDP student's step: the ViT-B teacher runs two of them per batch) moves
+            twice the bytes it does here. Opt-in and not bitwise: the residual stream is rounded to bf16 after every
+            block (``benchmarks/check_fast_paths.py --teacher-low-precision`` measures the deviation of the teacher's
+            logits and of the student's training from the default). Prompt selection by key matching (L2P,
+            DualPrompt) may pick another prompt where two keys score within bf16 rounding. bf16 only: fp16 without
+            autocast's fp32 LayerNorms risks overflow; under any other precision the teacher runs as without the
+            flag (a warning says so). The student and its checkpoints are not touched.
         **kwargs: `PromptLearner` arguments for the student.
     """
 
@@ -143,10 +155,13 @@ class Distiller(PromptLearner):
         teacher_prompt_mode: Literal["eval", "train"] = "eval",
         inference_only: bool = False,
         concurrent_teacher: bool = True,
+        teacher_low_precision: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # its save_hyperparameters() also records this class's arguments
         self.fast_paths.side_stream = concurrent_teacher
+        self.teacher_low_precision = teacher_low_precision
+        self.teacher_dtype: torch.dtype | None = None  # the teacher runs entirely in it (`teacher_low_precision_`)
         method = method if method is not None else NoDistillation()
         self.teacher_prompt_mode = teacher_prompt_mode
         self.teacher_run: TeacherRun | None = None
@@ -193,6 +208,31 @@ class Distiller(PromptLearner):
             self.teacher.eval()
         return self
 
+    def teacher_low_precision_(self, dtype: torch.dtype | None) -> None:
+        """Run the frozen teacher entirely in ``dtype`` (see ``teacher_low_precision``: its own ViTs through
+        `PromptedViT.low_precision_`, prompt pool and head stored in ``dtype``; a query encoder shared with the student
+        is left alone), or, with ``None``, store it in fp32 again (the current snapshot reloaded exactly; the ViTs'
+        frozen weights stay as rounded). A trainer's ``setup`` calls it when ``teacher_low_precision`` is on; a Python
+        loop calls it itself, before the first step (CUDA graphs capture the dtypes they see)."""
+        if self.teacher is None or dtype == self.teacher_dtype:
+            return
+        shared = (self.classifier.query_encoder or self.classifier.backbone) if self.share_query else None
+        for vit in self.teacher.frozen_modules():
+            if vit is not shared:
+                vit.low_precision_(dtype)
+        for part in (self.teacher.prompt, self.teacher.head):
+            if part is not None:
+                part.to(dtype or torch.float32)
+        self.teacher_dtype = dtype
+        self.load_teacher_task(self.teacher_task)  # the snapshot's exact values, rounded once to the new dtype
+
+    @override
+    def cast_frozen_weights_(self, dtype: torch.dtype) -> None:
+        low = self.teacher_dtype
+        self.teacher_low_precision_(None)  # (a low-precision teacher's matmul weights are in `low`, whatever `dtype`)
+        super().cast_frozen_weights_(dtype)
+        self.teacher_low_precision_(low)
+
     def load_teacher_task(self, task: int) -> None:
         """Switch the teacher to its state after ``task``."""
         if self.teacher is None:
@@ -214,7 +254,15 @@ class Distiller(PromptLearner):
         if stage == "fit" and self.inference_only:
             raise RuntimeError("this Distiller was built with inference_only=True (no teacher, no training-only parts) "
                                "and cannot fit: build it with inference_only=False and a teacher_checkpoint")
+        precision = str(self.trainer.precision)
+        low = torch.bfloat16 if self.teacher_low_precision and precision == "bf16-mixed" else None
+        if low != self.teacher_dtype:  # (before the frozen weights are cast for this trainer)
+            self.teacher_low_precision_(None)
         super().setup(stage)
+        if self.teacher_low_precision and self.teacher is not None and low is None:
+            warnings.warn(f"teacher_low_precision applies under precision 'bf16-mixed' only: under {precision!r} the "
+                          "teacher runs as without it", stacklevel=2)
+        self.teacher_low_precision_(low)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

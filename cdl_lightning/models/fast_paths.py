@@ -64,7 +64,9 @@ class FastPaths:
             `Distiller`'s ``concurrent_teacher`` was measured with the default priority, not re-measured since.)
         compile_training_pass: with ``compile`` and ``cuda_graphs``, capture the *compiled* prompted training pass
             (forward and backward) in `training_pass`'s graphs instead of the plain one (`PlainForward`). Experimental
-            and off: not yet run on a GPU (2026-12-07); set it on the instance before the first step
+            and off: it runs on an H100 (``tests/gpu``; after 5 bf16 steps within 3.2e-4 of eager in the losses) but
+            the B->S KDP step gained nothing (2,494 vs 2,510 img/s with ``compile`` and ``patch_embed_gemm``,
+            ``benchmarks/measured/2026-12-08_h100``); set it on the instance before the first step
             (``model.fast_paths.compile_training_pass = True``; ``benchmarks/throughput.py --compile-training-pass``).
         patch_embed_gemm: `patch_embed_` runs the frozen ViTs' patch embedding (timm's ``PatchEmbed``: a Conv2d with
             kernel == stride == patch size) as a reshape and one GEMM (`cdl_lightning.nn.vit.GemmPatchEmbed`) in every

@@ -122,8 +122,10 @@ class PromptLearner(LightningModule):
             bitwise equal to eager (inductor fuses kernels; ``benchmarks/check_fast_paths.py --compile`` measures the
             deviation), so off by default. Costs a minute or more of compilation. Static shapes, a smaller batch
             (an epoch's or an evaluation's last) padded to a compiled batch size (`FastPaths.compile_`). Measured on an
-            H100 before that padding existed, ``cdl fit`` ran slower compiled than eager; with it: not yet measured
-            on a GPU (README, Speed).
+            H100 before that padding existed, ``cdl fit`` ran slower compiled than eager; with it (and
+            ``patch_embed_gemm``, 10 tasks x 3 epochs, another H100) the teacher trained at 2,105 img/s against 2,039
+            and the student at 1,706 against 1,843: faster within an epoch (steady 1,986 vs 1,914), slower in each
+            epoch's first batches (README, Speed; ``benchmarks/measured/2026-12-08_h100``).
         cast_frozen_weights: under a ``bf16-mixed`` / ``16-mixed`` trainer, store the frozen ViTs' Linear and Conv
             weights in that dtype when the trainer sets up (`PromptedViT.cast_matmul_weights_`): autocast would
             re-cast them on every pass; results are bit-identical. Checkpoints never hold these weights.

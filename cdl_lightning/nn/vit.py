@@ -210,6 +210,8 @@ class PromptedViT(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.matmul_dtype = torch.float32
+        self.low_precision_dtype: torch.dtype | None = None  # see `low_precision_`
+        self._matmul_dtype_before_low = torch.float32
         self.query_pass: Callable[[Tensor], Tensor] | None = None
         """What `query` runs instead of ``vit.forward_features`` when set (``compile=True``: a compiled one, see
         `cdl_lightning.models.fast_paths.FastPaths.compile_`). Like ``nn.Module.compile``'s compiled call it is not
@@ -232,6 +234,9 @@ class PromptedViT(nn.Module):
         """
         if any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("cast_matmul_weights_ is for frozen ViTs: some parameters require grad")
+        if self.low_precision_dtype not in (None, dtype):
+            raise RuntimeError(f"this ViT runs entirely in {self.low_precision_dtype} (low_precision_): call "
+                               f"low_precision_(None) before storing its matmul weights in {dtype}")
         count = 0
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -241,6 +246,31 @@ class PromptedViT(nn.Module):
                         count += 1
         self.matmul_dtype = dtype
         return count
+
+    def low_precision_(self, dtype: torch.dtype | None) -> None:
+        """Run this frozen ViT entirely in ``dtype`` (bf16 / fp16), outside autocast, or (``None``) as before.
+
+        `cast_matmul_weights_` leaves norms, position embedding and class token in fp32, and under autocast the
+        residual stream stays fp32: every LayerNorm reads and writes fp32, every residual add reads fp32 and bf16 and
+        writes fp32, and each matmul's input is cast first. Here every parameter is stored in ``dtype`` and the passes
+        run with autocast disabled, so the residual stream, LayerNorms (fp32 statistics inside the kernel), GELUs and
+        adds move half the bytes. Not bitwise equal to the autocast run (the residual stream is rounded to ``dtype``
+        after every block); images are normalised in their own dtype and then rounded, as autocast rounds them for
+        the patch embedding. Outputs are in ``dtype``. ``None`` stores the parameters in fp32 again (values already
+        rounded stay rounded) and the matmul weights in the dtype they had before (`cast_matmul_weights_`).
+        """
+        if any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("low_precision_ is for frozen ViTs: some parameters require grad")
+        if self.low_precision_dtype is not None:  # back to the storage from before (also before another dtype)
+            self.vit.float()
+            self.low_precision_dtype = None
+            self.cast_matmul_weights_(self._matmul_dtype_before_low)
+        if dtype is None:
+            return
+        self._matmul_dtype_before_low = self.matmul_dtype
+        self.vit.to(dtype)  # (the normalisation's mean / std, buffers of this module, stay fp32)
+        self.matmul_dtype = dtype
+        self.low_precision_dtype = dtype
 
     def patch_embed_gemm_(self, enabled: bool = True) -> bool:
         """Run the patch embedding as a reshape and one GEMM (`GemmPatchEmbed`) or, with ``enabled=False``, as timm's
@@ -271,8 +301,11 @@ class PromptedViT(nn.Module):
         return type(self.vit.patch_embed) is GemmPatchEmbed
 
     def _autocast_if_cast(self, images: Tensor) -> contextlib.AbstractContextManager:
-        """Autocast to ``matmul_dtype`` when the weights were cast and the caller runs without autocast."""
+        """Autocast to ``matmul_dtype`` when the weights were cast and the caller runs without autocast; autocast
+        off when the whole ViT runs in low precision (`low_precision_`)."""
         device = images.device.type
+        if self.low_precision_dtype is not None:
+            return torch.autocast(device, enabled=False)
         if self.matmul_dtype == torch.float32 or torch.is_autocast_enabled(device):
             return contextlib.nullcontext()
         return torch.autocast(device, dtype=self.matmul_dtype)
@@ -291,9 +324,9 @@ class PromptedViT(nn.Module):
         return self.vit.num_prefix_tokens
 
     def normalize(self, images: Tensor) -> Tensor:
-        if self.input_norm == "none":
-            return images
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        if self.input_norm != "none":
+            images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return images if self.low_precision_dtype is None else images.to(self.low_precision_dtype)
 
     def forward(
         self,
