@@ -76,3 +76,21 @@ def two_task_run_options(save_dir: Path, name: str) -> dict[str, object]:
         "--data.image_size": 32,
         "--evaluation.print_table": "false",
     }
+
+
+def write_teacher_checkpoint(directory: Path, backbone, prompt, task_sizes: list[int]) -> str:
+    """A finished CODA/L2P/... teacher run's checkpoint as Lightning writes it (a `PromptLearner` with ``backbone``
+    and ``prompt``, its prompts as initialised, one snapshot per task) at ``directory/teacher.ckpt``; its path."""
+    import torch
+
+    from cdl_lightning.models import PromptLearner
+
+    teacher = PromptLearner(backbone=backbone, prompt=prompt, task_sizes=task_sizes)
+    for task in range(len(task_sizes)):
+        teacher.open_task(task)
+        teacher.snapshot_task(task)
+    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
+    teacher.on_save_checkpoint(checkpoint)
+    path = Path(directory) / "teacher.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options
+from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options, write_teacher_checkpoint
 from timm.layers import PatchEmbed
 from torch import nn
 
@@ -193,22 +193,9 @@ def test_learner_flag_is_off_by_default_and_reaches_every_frozen_vit(tiny_vit_co
     assert [v.uses_patch_embed_gemm for v in on.frozen_vits()] == [False, False]
 
 
-def write_teacher(directory: Path, backbone: BackboneConfig) -> str:
-    """A finished teacher run's checkpoint as Lightning writes it (random prompts, one snapshot per task)."""
-    teacher = PromptLearner(backbone=backbone, prompt=coda, task_sizes=[2, 2])
-    for task in range(2):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = directory / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
-
-
 def test_distiller_applies_it_to_its_teacher_and_old_checkpoints_load_without_it(tmp_path, tiny_vit_config):
     student_vit = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**TINY, "embed_dim": 32})
-    teacher = write_teacher(tmp_path, tiny_vit_config)
+    teacher = write_teacher_checkpoint(tmp_path, tiny_vit_config, coda, [2, 2])
     kwargs = dict(method=KDP(), teacher_checkpoint=teacher, backbone=student_vit, prompt=coda, task_sizes=[2, 2])
     torch.manual_seed(0)
     off = Distiller(**kwargs)

@@ -2,8 +2,8 @@
 (`PromptedViT.low_precision_`, `Distiller.teacher_low_precision_`): every teacher tensor in bf16, its passes the same
 inside and outside autocast and within bf16 rounding of the autocast teacher, snapshots loaded into it rounded
 once, the student untouched, reversible, and through ``cdl fit`` (applied in ``setup`` under ``bf16-mixed``; a
-warning and the plain teacher under fp32). Its speed and its deviation on a GPU: ``benchmarks/throughput.py`` / ``check_fast_paths.py
---teacher-low-precision``."""
+warning and the plain teacher under fp32). Its speed and its deviation on a GPU: ``benchmarks/throughput.py`` /
+``check_fast_paths.py --teacher-low-precision``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options
+from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options, write_teacher_checkpoint
 
 from cdl_lightning.cli import cli_main
-from cdl_lightning.models import Distiller, PromptLearner
+from cdl_lightning.models import Distiller
 from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
 
 TINY = json.loads(TINY_BACKBONE)
@@ -37,15 +37,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def write_teacher(directory: Path, task_sizes: list[int]) -> str:
     """A finished teacher run's checkpoint (random prompts, one snapshot per task)."""
     torch.manual_seed(1)
-    teacher = PromptLearner(backbone=BackboneConfig(**TINY), prompt=coda, task_sizes=task_sizes)
-    for task in range(len(task_sizes)):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = directory / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
+    return write_teacher_checkpoint(directory, BackboneConfig(**TINY), coda, task_sizes)
 
 
 def test_a_low_precision_vit_runs_in_bf16_inside_and_outside_autocast():
