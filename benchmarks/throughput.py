@@ -210,12 +210,9 @@ def measure(result: Result, make_step: Callable[[], Step], s: Settings, latency:
 
 def set_precision(model: PromptLearner, precision: str, s: Settings) -> None:
     """Frozen matmul weights in bf16 for bf16 cases (as a ``bf16-mixed`` trainer's setup does), else fp32."""
-    low = isinstance(model, Distiller) and s.teacher_low_precision
-    if low:
-        model.teacher_low_precision_(None)  # (fp32 storage first: the matmul weights may change dtype next)
     model.cast_frozen_weights_(torch.bfloat16 if precision == "bf16" and s.cast_weights else torch.float32)
-    if low and precision == "bf16":
-        model.teacher_low_precision_(torch.bfloat16)  # as a bf16-mixed trainer's setup does with the flag
+    if isinstance(model, Distiller) and s.teacher_low_precision:  # as a bf16-mixed trainer's setup does with the flag
+        model.teacher_low_precision_(torch.bfloat16 if precision == "bf16" else None)
     model.fast_paths.reset()  # free the graphs of the previous case
 
 

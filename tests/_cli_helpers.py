@@ -78,15 +78,13 @@ def two_task_run_options(save_dir: Path, name: str) -> dict[str, object]:
     }
 
 
-def write_teacher_checkpoint(directory: Path, backbone, prompt, task_sizes: list[int]) -> str:
-    """A finished CODA/L2P/... teacher run's checkpoint as Lightning writes it (a `PromptLearner` with ``backbone``
-    and ``prompt``, its prompts as initialised, one snapshot per task) at ``directory/teacher.ckpt``; its path."""
+def teacher_checkpoint_file(teacher, directory: Path | str) -> str:
+    """Save ``teacher`` (a `PromptLearner`) as a finished run's checkpoint as Lightning writes it: every task opened
+    and snapshotted (its prompts as they are), ``state_dict``, ``hyper_parameters`` and the ``cdl`` entry of
+    ``on_save_checkpoint``; the file's path (``directory/teacher.ckpt``). The GPU suite uses it too."""
     import torch
 
-    from cdl_lightning.models import PromptLearner
-
-    teacher = PromptLearner(backbone=backbone, prompt=prompt, task_sizes=task_sizes)
-    for task in range(len(task_sizes)):
+    for task in range(len(teacher.task_schedule.task_sizes)):
         teacher.open_task(task)
         teacher.snapshot_task(task)
     checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options, write_teacher_checkpoint
+from _cli_helpers import TINY_BACKBONE, as_args, teacher_checkpoint_file, two_task_run_options
 from timm.layers import PatchEmbed
 from torch import nn
 
@@ -195,7 +195,7 @@ def test_learner_flag_is_off_by_default_and_reaches_every_frozen_vit(tiny_vit_co
 
 def test_distiller_applies_it_to_its_teacher_and_old_checkpoints_load_without_it(tmp_path, tiny_vit_config):
     student_vit = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**TINY, "embed_dim": 32})
-    teacher = write_teacher_checkpoint(tmp_path, tiny_vit_config, coda, [2, 2])
+    teacher = teacher_checkpoint_file(PromptLearner(backbone=tiny_vit_config, prompt=coda, task_sizes=[2, 2]), tmp_path)
     kwargs = dict(method=KDP(), teacher_checkpoint=teacher, backbone=student_vit, prompt=coda, task_sizes=[2, 2])
     torch.manual_seed(0)
     off = Distiller(**kwargs)

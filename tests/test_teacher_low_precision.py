@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cli_helpers import TINY_BACKBONE, as_args, two_task_run_options, write_teacher_checkpoint
+from _cli_helpers import TINY_BACKBONE, as_args, teacher_checkpoint_file, two_task_run_options
 
 from cdl_lightning.cli import cli_main
-from cdl_lightning.models import Distiller
+from cdl_lightning.models import Distiller, PromptLearner
 from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
 
 TINY = json.loads(TINY_BACKBONE)
@@ -37,7 +37,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def write_teacher(directory: Path, task_sizes: list[int]) -> str:
     """A finished teacher run's checkpoint (random prompts, one snapshot per task)."""
     torch.manual_seed(1)
-    return write_teacher_checkpoint(directory, BackboneConfig(**TINY), coda, task_sizes)
+    return teacher_checkpoint_file(PromptLearner(backbone=BackboneConfig(**TINY), prompt=coda, task_sizes=task_sizes),
+                                   directory)
 
 
 def test_a_low_precision_vit_runs_in_bf16_inside_and_outside_autocast():

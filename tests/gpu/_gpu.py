@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from _cli_helpers import teacher_checkpoint_file  # noqa: F401  (one writer for the CPU and the GPU tests)
 
 from cdl_lightning.callbacks import ContinualEvaluation, RNGStateCallback
 from cdl_lightning.data import ContinualDataModule, SyntheticShapes
+from cdl_lightning.models import PromptLearner
 from cdl_lightning.nn import BackboneConfig, CodaPrompt
 
 CUDA = torch.cuda.is_available()
@@ -34,6 +37,9 @@ TINY = {"img_size": 32, "patch_size": 8, "depth": 4, "num_heads": 2}
 TEACHER_VIT = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**TINY, "embed_dim": 64})
 STUDENT_VIT = BackboneConfig(name="vit_tiny_patch16_224", model_kwargs={**TINY, "embed_dim": 32})
 CODA = functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2))
+B_TO_S_224 = (BackboneConfig(name="vit_base_patch16_224"), BackboneConfig(name="vit_small_patch16_224"),
+              functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2, 3, 4)), 224)
+"""The paper's ViT-B -> ViT-S at 224 px as ``(teacher, student, prompt pool, image size)`` (`kdp_setup`)."""
 
 
 def make_data(num_tasks: int = 2, epochs_per_task: int = 2, classes_per_task: int = 4,
@@ -79,18 +85,22 @@ def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> N
     assert equal, f"{what}: not bitwise equal (max |diff| {diff:.3g}, NaNs in the same places: {same_nan})"
 
 
-def teacher_checkpoint_file(teacher, directory: Path | str) -> str:
-    """Save ``teacher`` (a `PromptLearner`) as a finished run's checkpoint as Lightning writes it: every task opened
-    and snapshotted (its prompts as they are), ``state_dict``, ``hyper_parameters`` and the ``cdl`` entry of
-    ``on_save_checkpoint``; the file's path."""
-    for task in range(len(teacher.task_schedule.task_sizes)):
-        teacher.open_task(task)
-        teacher.snapshot_task(task)
-    checkpoint = {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}
-    teacher.on_save_checkpoint(checkpoint)
-    path = Path(directory) / "teacher.ckpt"
-    torch.save(checkpoint, path)
-    return str(path)
+def kdp_setup(name: str, teacher_vit: BackboneConfig, student_vit: BackboneConfig, prompt: functools.partial,
+              size: int, task_sizes: list[int], directory: Path) -> SimpleNamespace:
+    """A finished CODA teacher run's checkpoint (random prompts, one snapshot per task) in ``directory``, and the
+    student's settings: ``name``, ``checkpoint``, ``student_vit``, ``prompt``, ``size``."""
+    torch.manual_seed(0)
+    teacher = PromptLearner(backbone=teacher_vit, prompt=prompt, task_sizes=task_sizes, epochs_per_task=1)
+    path = teacher_checkpoint_file(teacher, directory)
+    return SimpleNamespace(name=name, checkpoint=path, student_vit=student_vit, prompt=prompt, size=size)
+
+
+def random_batches(steps: int, batch: int, size: int, classes: int, device: str = "cuda") -> list[tuple]:
+    """``steps`` training batches ``(images, labels < classes, task 0)`` of ``size`` px, from generator seed 1."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    return [(torch.rand(batch, 3, size, size, device=device, generator=generator),
+             torch.randint(0, classes, (batch,), device=device, generator=generator),
+             torch.zeros(batch, dtype=torch.long, device=device)) for _ in range(steps)]
 
 
 def sgd_steps(model, batches: list, bf16: bool = True) -> torch.Tensor:

@@ -11,15 +11,25 @@ paper's widths is printed by ``benchmarks/check_fast_paths.py --patch-embed-gemm
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
-from _gpu import CODA, GPU, STUDENT_VIT, TEACHER_VIT, assert_bitwise, counters, sgd_steps, teacher_checkpoint_file
+from _gpu import (
+    B_TO_S_224,
+    CODA,
+    GPU,
+    STUDENT_VIT,
+    TEACHER_VIT,
+    assert_bitwise,
+    counters,
+    kdp_setup,
+    random_batches,
+    sgd_steps,
+)
 
-from cdl_lightning.models import Distiller, PromptLearner
-from cdl_lightning.nn import KDP, BackboneConfig, CodaPrompt
+from cdl_lightning.models import Distiller
+from cdl_lightning.nn import KDP
 
 pytestmark = GPU
 
@@ -27,19 +37,14 @@ TASK_SIZES = [4, 4]
 STEPS, BATCH = 4, 16
 SETUPS = {  # (teacher, student, prompt pool, image size)
     "tiny": (TEACHER_VIT, STUDENT_VIT, CODA, 32),
-    "224": (BackboneConfig(name="vit_base_patch16_224"), BackboneConfig(name="vit_small_patch16_224"),
-            functools.partial(CodaPrompt, pool_size=20, length=8, layers=(0, 1, 2, 3, 4)), 224),
+    "224": B_TO_S_224,
 }
 
 
 @pytest.fixture(scope="module", params=sorted(SETUPS))
 def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A finished CODA teacher run's checkpoint (random prompts, one snapshot per task) and the student's settings."""
-    teacher_vit, student_vit, prompt, size = SETUPS[request.param]
-    torch.manual_seed(0)
-    teacher = PromptLearner(backbone=teacher_vit, prompt=prompt, task_sizes=TASK_SIZES, epochs_per_task=1)
-    path = teacher_checkpoint_file(teacher, tmp_path_factory.mktemp("teacher"))
-    return SimpleNamespace(name=request.param, checkpoint=path, student_vit=student_vit, prompt=prompt, size=size)
+    return kdp_setup(request.param, *SETUPS[request.param], TASK_SIZES, tmp_path_factory.mktemp("teacher"))
 
 
 def hand_steps(setup: SimpleNamespace, fast: bool, patch_embed_gemm: bool) -> SimpleNamespace:
@@ -55,11 +60,7 @@ def hand_steps(setup: SimpleNamespace, fast: bool, patch_embed_gemm: bool) -> Si
     model.open_task(0)
     if fast:
         model.cast_frozen_weights_(torch.bfloat16)  # what a bf16-mixed trainer's setup does
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    size = setup.size
-    batches = [(torch.rand(BATCH, 3, size, size, device="cuda", generator=generator),
-                torch.randint(0, TASK_SIZES[0], (BATCH,), device="cuda", generator=generator),
-                torch.zeros(BATCH, dtype=torch.long, device="cuda")) for _ in range(STEPS)]
+    batches = random_batches(STEPS, BATCH, setup.size, TASK_SIZES[0])
     losses = sgd_steps(model, batches)
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
